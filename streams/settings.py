@@ -1,0 +1,109 @@
+"""One ``Settings`` object, built once at the edge (CLI, API, worker) and passed down.
+
+Every field can be set from the environment with the ``LIGHTMEM_`` prefix and ``__`` between
+sections, e.g. ``LIGHTMEM_LLM__BASE_URL=http://127.0.0.1:8000/v1`` or
+``LIGHTMEM_COMPRESSION__RATE=0.6``. Library code never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PIPELINE_VERSION = "lightmem-streams/0.1"
+
+
+class CompressionSettings(BaseModel):
+    rate: float = Field(default=0.7, gt=0, le=1, description="share of tokens kept per turn")
+    llmlingua2_model_path: Path | None = Field(
+        default=None, description="local LLMLingua-2 model directory; unset = offline compressor"
+    )
+    device: str = Field(default="cpu", description="device_map for the LLMLingua-2 model")
+    min_words: int = Field(default=4, ge=0, description="turns with at most this many words are kept whole")
+
+
+class SegmentationSettings(BaseModel):
+    buffer_tokens: int = Field(default=512, ge=16, description="sensory buffer size in encoder tokens")
+    attention_layers: list[int] | None = Field(
+        default=None, description="encoder layers averaged for attention boundaries (default: the last half)"
+    )
+    sim_threshold_start: float = 0.2
+    sim_threshold_step: float = 0.05
+    sim_threshold_max: float = 0.5
+    window_turns: int = Field(default=3, ge=0, description="a similarity cut is kept within ±N turns of an attention boundary")
+
+
+class STMSettings(BaseModel):
+    threshold_tokens: int = Field(default=512, ge=1, description="flush when buffered segments reach this many tokens")
+    idle_timeout_s: float = Field(default=300.0, gt=0, description="flush a user's buffer after this long without input")
+
+
+class LLMSettings(BaseModel):
+    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint; unset = offline extractive mode")
+    model: str = "gpt-4o-mini"
+    api_key: SecretStr = SecretStr("not-needed")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=3, ge=0, description="retries after the first attempt")
+    backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles each retry")
+    max_concurrency: int = Field(default=4, ge=1, description="LLM calls in flight per process")
+    temperature: float = 0.0
+    max_output_tokens: int = 2048
+
+
+class EmbeddingSettings(BaseModel):
+    model: str | None = Field(
+        default=None, description="sentence-transformers model name or path; unset = packaged all-MiniLM-L6-v2"
+    )
+    batch_size: int = Field(default=64, ge=1)
+    device: str = "cpu"
+
+
+class StoreSettings(BaseModel):
+    backend: Literal["edge", "local", "server"] = Field(
+        default="edge", description="edge = Qdrant's embedded engine; local = qdrant-client local mode; server = url"
+    )
+    path: Path = Field(default=Path(".lightmem/qdrant"), description="on-disk storage for edge/local backends")
+    url: str | None = Field(default=None, description="Qdrant server URL (switches backend to server)")
+    api_key: SecretStr | None = None
+    collection: str = "lightmem_memories"
+    search_mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    rrf_k: int = Field(default=60, ge=1, description="reciprocal-rank-fusion constant")
+    prefetch: int = Field(default=50, ge=1, description="candidates per branch before fusion")
+
+
+class KafkaTopics(BaseModel):
+    raw_turns: str = "lightmem.turns.raw"
+    segments: str = "lightmem.segments"
+    summaries: str = "lightmem.stm.summaries"
+    memory_changes: str = "lightmem.memory.changes"
+    compaction_requests: str = "lightmem.compaction.requests"
+    dead_letters: str = "lightmem.dead.letters"
+    control: str = "lightmem.control"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    app_id: str = "lightmem"
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    topics: KafkaTopics = KafkaTopics()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIGHTMEM_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".lightmem"), description="local state: DLQ log, cost ledger, eval results")
+    compression: CompressionSettings = CompressionSettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
+    stm: STMSettings = STMSettings()
+    llm: LLMSettings = LLMSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    store: StoreSettings = StoreSettings()
+    kafka: KafkaSettings = KafkaSettings()
+
+    @property
+    def pipeline_version(self) -> str:
+        return PIPELINE_VERSION
