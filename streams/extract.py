@@ -1,0 +1,421 @@
+"""Short-term-memory extraction: ONE LLM call per STM flush turns a batch of topic segments into a
+topic summary plus standalone facts with provenance (``STMSummary``).
+
+Two modes, chosen by ``LLMSettings.base_url``:
+
+- **LLM** (``base_url`` set): any OpenAI-compatible endpoint through ``openai.AsyncOpenAI`` (the client's
+  own retries are off; this module retries). The response must be a JSON object matching
+  ``streams.prompts.ExtractionResponse`` whose fact sources are aliases shown in the prompt.
+- **Extractive** (``base_url`` unset, offline, no LLM): see ``extractive_summary``.
+
+Failure policy ("nothing silent", never an empty result): an attempt fails on an HTTP 5xx/408/409/429,
+a timeout or connection error, content that is not JSON, JSON that does not match the schema, or facts
+citing no valid alias. It is retried ``max_retries`` times with exponential backoff (``backoff_s``,
+doubling). Other 4xx answers (bad key, unknown model...) are not retried. When no attempt is left,
+``extract`` returns an ``ExtractResult`` with ``summary=None`` and a ``DeadLetter`` holding the reason and
+the original segments; it does not raise for LLM faults.
+
+Concurrency: every HTTP call goes through one ``asyncio.Semaphore(max_concurrency)`` owned by the
+``Extractor``; the backoff sleep is outside it. An ``Extractor`` belongs to one event loop.
+
+Cost: ``StageCost(stage="extraction")`` with ``calls`` = HTTP attempts made, tokens from ``usage`` when the
+server reports it, else counted with cl100k_base (an attempt that got no response counts no tokens),
+``seconds`` = wall time of the whole ``extract`` call (retries, backoff and waiting for a slot included),
+``items`` = turns in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONObject
+from pydantic import ValidationError
+
+from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, TopicSegment
+from streams import ids
+from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
+from streams.settings import LLMSettings
+from streams.tokens import count_messages_tokens, count_tokens
+
+log = logging.getLogger(__name__)
+
+EXTRACTIVE_NAME = "extractive"
+_RETRYABLE_STATUS = {408, 409, 429}
+_JSON_OBJECT: ResponseFormatJSONObject = {"type": "json_object"}
+
+
+class InvalidExtraction(ValueError):
+    """The LLM answered, but its output cannot be used (not JSON, wrong schema, bad aliases...)."""
+
+    def __init__(self, error_type: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error_type = error_type
+        self.reason = reason
+
+
+class ExtractionFailed(Exception):
+    """Extraction gave up: the last error's reason and type, and how many attempts were made."""
+
+    def __init__(self, reason: str, error_type: str, attempts: int) -> None:
+        super().__init__(f"extraction failed after {attempts} attempt(s): {error_type}: {reason}")
+        self.reason = reason
+        self.error_type = error_type
+        self.attempts = attempts
+
+
+@dataclass
+class ExtractResult:
+    """Exactly one of ``summary`` / ``dead_letter`` is set."""
+
+    summary: STMSummary | None
+    dead_letter: DeadLetter | None
+    cost: StageCost
+    attempts: int
+    error: ExtractionFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.summary is not None
+
+    def unwrap(self) -> STMSummary:
+        """The summary, or raise the ``ExtractionFailed`` that dead-lettered the batch."""
+        if self.summary is None:
+            assert self.error is not None
+            raise self.error
+        return self.summary
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def _turns(segments: Sequence[TopicSegment]) -> list[CompressedTurn]:
+    return [turn for segment in segments for turn in segment.turns]
+
+
+def _who(turn: CompressedTurn) -> str:
+    return " ".join((turn.speaker or turn.role).split()) or turn.role
+
+
+def _has_content(turns: Sequence[CompressedTurn]) -> bool:
+    return any(turn.compressed_text.strip() for turn in turns)
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _check_batch(user_id: str, segments: Sequence[TopicSegment]) -> None:
+    if not segments:
+        raise ValueError("extraction needs at least one segment")
+    others = {s.user_id for s in segments if s.user_id != user_id}
+    if others:
+        raise ValueError(f"segments of other users {sorted(others)} in a batch for user {user_id!r}")
+
+
+_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+
+
+def parse_extraction(content: str | None) -> ExtractionResponse:
+    """Parse the LLM's text: strip ```json fences, then JSON, then the response schema."""
+    if content is None or not content.strip():
+        raise InvalidExtraction("EmptyResponse", "the LLM returned no content")
+    text = content.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        start, end = text.find("{"), text.rfind("}")
+        try:
+            if start < 0 or end <= start:
+                raise exc
+            data = json.loads(text[start : end + 1])
+        except json.JSONDecodeError:
+            raise InvalidExtraction("InvalidJSON", f"content is not JSON ({exc}): {content[:200]!r}") from exc
+    try:
+        return ExtractionResponse.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+        raise InvalidExtraction("SchemaViolation", f"JSON does not match the extraction schema: {errors}") from exc
+
+
+def build_summary(
+    user_id: str,
+    segments: Sequence[TopicSegment],
+    response: ExtractionResponse,
+    alias_map: dict[int, CompressedTurn],
+    extractor_name: str,
+    now: datetime,
+) -> STMSummary:
+    """Map the LLM's answer back onto the batch: aliases → turn ids and timestamps.
+
+    Unknown aliases are dropped from a fact (with a warning); a fact left with no valid alias, an empty
+    summary, or no facts for a batch that has content raise ``InvalidExtraction`` (the caller retries).
+    """
+    _check_batch(user_id, segments)
+    turns = _turns(segments)
+    content = _has_content(turns)
+    summary_text = response.summary.strip()
+    if not summary_text:
+        if content:
+            raise InvalidExtraction("SchemaViolation", "empty summary")
+        summary_text = _topic_line(turns)
+    if content and not response.facts:
+        raise InvalidExtraction("SchemaViolation", "no facts for a batch that has content")
+
+    facts: list[Fact] = []
+    for position, extracted in enumerate(response.facts):
+        valid = sorted({a for a in extracted.sources if a in alias_map})
+        unknown = sorted({a for a in extracted.sources if a not in alias_map})
+        if not valid:
+            raise InvalidExtraction(
+                "InvalidAlias",
+                f"fact {position} {extracted.text[:80]!r} cites no valid alias (sources {extracted.sources}, "
+                f"valid 1..{len(alias_map)})",
+            )
+        if unknown:
+            log.warning("extraction for %s: dropped unknown aliases %s from fact %d", user_id, unknown, position)
+        facts.append(
+            Fact(
+                text=extracted.text,
+                source_turn_ids=[alias_map[a].turn_id for a in valid],
+                source_timestamps=[alias_map[a].timestamp for a in valid],
+            )
+        )
+
+    turn_ids = [t.turn_id for t in turns]
+    return STMSummary(
+        summary_id=ids.summary_id(user_id, turn_ids),
+        user_id=user_id,
+        session_ids=_unique([t.session_id for t in turns]),
+        topic_id=segments[0].segment_id,
+        segment_ids=[s.segment_id for s in segments],
+        turn_ids=turn_ids,
+        summary=summary_text,
+        facts=facts,
+        extractor=extractor_name,
+        created_at=now,
+    )
+
+
+# -- offline extractive mode -------------------------------------------------------------------
+
+_WORD = re.compile(r"[^\W\d_][\w'-]*", re.UNICODE)
+_STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have having he
+    her here hers herself him himself his how i if in into is it its itself just like me more most my myself no nor
+    not now of off on once only or other our ours ourselves out over own really same she should so some such than
+    that the their theirs them themselves then there these they this those through to too under until up very was
+    we were what when where which while who whom why will with would yeah yes you your yours yourself yourselves
+    oh ok okay hey hi hello thanks thank get got go going know think one well much many lot lots i'm it's that's
+    don't i've i'll you're can't""".split()
+)
+TOPIC_WORDS = 6
+
+
+def _topic_line(turns: Sequence[CompressedTurn]) -> str:
+    speakers = _unique([_who(t) for t in turns])
+    counts: Counter[str] = Counter()
+    first_seen: dict[str, int] = {}
+    for turn in turns:
+        for word in _WORD.findall(turn.compressed_text.lower()):
+            word = word.strip("'-")
+            if len(word) < 3 or word in _STOPWORDS:
+                continue
+            counts[word] += 1
+            first_seen.setdefault(word, len(first_seen))
+    ranked = sorted(counts, key=lambda w: (-counts[w], first_seen[w]))[:TOPIC_WORDS]
+    who = ", ".join(speakers)
+    if not ranked:
+        return f"{who}: (no content)"
+    return f"{who} talked about: {', '.join(ranked)}"
+
+
+def extractive_summary(
+    user_id: str,
+    segments: Sequence[TopicSegment],
+    now: datetime,
+    pipeline_version: str | None = None,
+) -> STMSummary:
+    """Offline mode (no LLM), deterministic, labelled ``extractor="extractive"``.
+
+    - summary: a topic line ``"<speakers> talked about: <w1>, <w2>, ..."`` — the speakers (or roles) in order
+      of appearance and the ``TOPIC_WORDS`` most frequent content words of the batch (lower-cased, at least 3
+      letters, stop words removed; ties broken by first appearance); ``"<speakers>: (no content)"`` if none.
+    - facts: one per turn with non-empty compressed text, ``"<speaker or role>: <compressed_text>"``, with that
+      turn as its single source.
+
+    ``pipeline_version`` is accepted for symmetry with ``Extractor``; the summary record does not carry it.
+    """
+    del pipeline_version
+    _check_batch(user_id, segments)
+    turns = _turns(segments)
+    alias_map = dict(enumerate(turns, start=1))
+    response = ExtractionResponse(
+        summary=_topic_line(turns),
+        facts=[
+            ExtractedFact(text=f"{_who(t)}: {' '.join(t.compressed_text.split())}", sources=[alias])
+            for alias, t in alias_map.items()
+            if t.compressed_text.strip()
+        ],
+    )
+    return build_summary(user_id, segments, response, alias_map, EXTRACTIVE_NAME, now)
+
+
+# -- the extractor -----------------------------------------------------------------------------
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code >= 500 or exc.status_code in _RETRYABLE_STATUS
+    return isinstance(exc, InvalidExtraction | openai.OpenAIError)
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """(error_type, reason) of an attempt's failure."""
+    if isinstance(exc, InvalidExtraction):
+        return exc.error_type, exc.reason
+    if isinstance(exc, openai.APIStatusError):
+        return type(exc).__name__, exc.message  # "Error code: <status> - <server message>"
+    return type(exc).__name__, str(exc) or type(exc).__name__
+
+
+def segments_payload(segments: Sequence[TopicSegment]) -> str:
+    """The batch as JSON text (a list of TopicSegment objects), as dead letters carry it."""
+    return json.dumps([s.model_dump(mode="json") for s in segments], ensure_ascii=False)
+
+
+class Extractor:
+    """Runs the extraction of STM batches; owns the LLM client and the concurrency limit."""
+
+    def __init__(self, settings: LLMSettings, pipeline_version: str) -> None:
+        self.settings = settings
+        self.pipeline_version = pipeline_version
+        self.prompt_version = EXTRACTION_PROMPT_VERSION
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._client: openai.AsyncOpenAI | None = None
+        if settings.base_url:
+            self._client = openai.AsyncOpenAI(
+                base_url=settings.base_url,
+                api_key=settings.api_key.get_secret_value(),
+                timeout=settings.timeout_s,
+                max_retries=0,
+            )
+            self.name = f"llm:{settings.model}"
+        else:
+            self.name = EXTRACTIVE_NAME
+
+    @property
+    def offline(self) -> bool:
+        return self._client is None
+
+    async def __aenter__(self) -> Extractor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def extract(self, user_id: str, segments: Sequence[TopicSegment], now: datetime) -> ExtractResult:
+        """One STM flush → an ``STMSummary`` or, after bounded retries, a ``DeadLetter``."""
+        _check_batch(user_id, segments)
+        started = time.perf_counter()
+        n_turns = sum(len(s.turns) for s in segments)
+        if self._client is None:
+            summary = extractive_summary(user_id, segments, now, self.pipeline_version)
+            cost = StageCost(stage="extraction", seconds=time.perf_counter() - started, items=n_turns)
+            return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=1)
+
+        messages, alias_map = build_extraction_prompt(segments)
+        calls = input_tokens = output_tokens = 0
+        last: BaseException | None = None
+        for attempt in range(self.settings.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
+            try:
+                async with self._semaphore:
+                    calls += 1
+                    response = await self._client.chat.completions.create(
+                        model=self.settings.model,
+                        messages=cast("list[ChatCompletionMessageParam]", messages),
+                        temperature=self.settings.temperature,
+                        max_tokens=self.settings.max_output_tokens,
+                        response_format=_JSON_OBJECT,
+                    )
+                content = response.choices[0].message.content if response.choices else None
+                if response.usage is not None:
+                    input_tokens += response.usage.prompt_tokens
+                    output_tokens += response.usage.completion_tokens
+                else:
+                    input_tokens += count_messages_tokens(messages)
+                    output_tokens += count_tokens(content or "")
+                if response.choices and response.choices[0].finish_reason == "length" and content:
+                    log.warning("extraction for %s: output truncated at max_output_tokens", user_id)
+                parsed = parse_extraction(content)
+                summary = build_summary(user_id, segments, parsed, alias_map, self.name, now)
+            except (InvalidExtraction, openai.OpenAIError) as exc:
+                last = exc
+                error_type, reason = _describe(exc)
+                retry = _retryable(exc) and attempt < self.settings.max_retries
+                log.warning(
+                    "extraction for %s: attempt %d/%d failed (%s: %s)%s",
+                    user_id,
+                    attempt + 1,
+                    self.settings.max_retries + 1,
+                    error_type,
+                    reason[:300],
+                    "; retrying" if retry else "",
+                )
+                if not _retryable(exc):
+                    break
+                continue
+            cost = StageCost(
+                stage="extraction",
+                calls=calls,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                seconds=time.perf_counter() - started,
+                items=n_turns,
+            )
+            return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=calls)
+
+        assert last is not None
+        error_type, reason = _describe(last)
+        error = ExtractionFailed(reason, error_type, calls)
+        turn_ids = [t.turn_id for s in segments for t in s.turns]
+        dead_letter = DeadLetter(
+            dlq_id=ids.derived_id("dead_letter", "extract", user_id, ids.summary_id(user_id, turn_ids)),
+            stage="extract",
+            reason=f"extraction failed after {calls} attempt(s): {error_type}: {reason}",
+            error_type=error_type,
+            attempts=calls,
+            key=user_id,
+            payload=segments_payload(segments),
+            at=now,
+        )
+        log.error("extraction for %s dead-lettered: %s", user_id, dead_letter.reason)
+        cost = StageCost(
+            stage="extraction",
+            calls=calls,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            seconds=time.perf_counter() - started,
+            items=n_turns,
+        )
+        return ExtractResult(summary=None, dead_letter=dead_letter, cost=cost, attempts=calls, error=error)

@@ -1,0 +1,370 @@
+"""A deterministic OpenAI-compatible chat-completions server for tests (real HTTP, real protocol).
+
+``POST /v1/chat/completions`` answers the STM extraction prompt (``streams.prompts``) from the prompt alone:
+it parses the turn lines ``[n] (YYYY-MM-DD HH:MM) speaker: text`` of the last user message and replies with
+valid extraction JSON::
+
+    {"summary": "<speaker> and <speaker> discussed: <first 8 words of the first non-empty turn>",
+     "facts": [{"text": "<speaker> (on <YYYY-MM-DD>): <text>", "sources": [n]}, ...]}   # one per non-empty turn
+
+so identical prompts give identical answers (the Kafka path can be compared with the embedded path).
+Other prompts can be answered by ``register``-ed responders (in-process only); a prompt nobody answers gets
+``{"summary": "", "facts": []}``.
+
+Fault injection: ``server.inject(*faults)`` (or ``POST /control/faults {"faults": [...]}`` from another
+process) queues faults, consumed one per chat request, in order:
+
+- ``"500"`` / ``"429"``: that HTTP status with an OpenAI-style error body;
+- ``"timeout"``: hold the request (up to ``hang_s``, until the client disconnects) — longer than any test
+  client's timeout;
+- ``"invalid_json"``: non-JSON content; ``"bad_schema"``: JSON without ``facts``; ``"bad_alias"``: the normal
+  answer with every fact's sources replaced by ``[999]``;
+- ``"fenced"`` (not a fault): the normal answer wrapped in a Markdown ```json fence.
+
+Inspection: ``server.requests`` (every chat request body, in order), ``server.max_in_flight``;
+``GET /control/requests`` → ``{"count", "in_flight", "max_in_flight", "faults_pending"}`` (``?bodies=1`` adds
+``"requests"``); ``POST /control/reset`` clears faults, requests and counters; ``POST /control/config
+{"latency_s": float, "hang_s": float}`` sets a delay on every answer / the timeout fault's hold.
+
+In-process: ``with LLMServer() as server: server.url`` (``http://127.0.0.1:<free port>/v1``).
+Standalone: ``python -m tests.llm_server --port 8089`` prints ``LLM server ready at <url>`` once listening
+(``--port 0`` picks a free port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from streams.tokens import count_messages_tokens, count_tokens
+
+FAULTS = ("500", "429", "timeout", "invalid_json", "bad_schema", "bad_alias", "fenced")
+TURN_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2}) \d{2}:\d{2}\) (.+?):(?: (.*))?$")
+SUMMARY_WORDS = 8
+
+Responder = Callable[[list[dict[str, Any]]], str | None]
+
+
+def parse_turn_lines(text: str) -> list[tuple[int, str, str, str]]:
+    """``(alias, date, speaker, text)`` of every turn line in a prompt."""
+    turns = []
+    for line in text.splitlines():
+        match = TURN_LINE.match(line.rstrip("\r"))
+        if match:
+            alias, date, speaker, body = match.groups()
+            turns.append((int(alias), date, speaker.strip(), (body or "").strip()))
+    return turns
+
+
+def extraction_answer(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The deterministic extraction JSON for a prompt, or None when it holds no turn lines."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        return None
+    content = users[-1].get("content")
+    if not isinstance(content, str):
+        content = " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict))
+    turns = parse_turn_lines(content)
+    if not turns:
+        return None
+    speakers = list(dict.fromkeys(speaker for _, _, speaker, _ in turns))
+    spoken = [t for t in turns if t[3]]
+    who = " and ".join(speakers)
+    if not spoken:
+        return {"summary": f"{who} exchanged no content", "facts": []}
+    first_words = " ".join(spoken[0][3].split()[:SUMMARY_WORDS])
+    return {
+        "summary": f"{who} discussed: {first_words}",
+        "facts": [
+            {"text": f"{speaker} (on {date}): {body}", "sources": [alias]} for alias, date, speaker, body in spoken
+        ],
+    }
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": None, "code": None}}
+    )
+
+
+class LLMServer:
+    """The test server: a FastAPI app under uvicorn, in a background thread (``start``) or in front (``run``)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, hang_s: float = 30.0, latency_s: float = 0.0):
+        self.host = host
+        self.port = port
+        self.hang_s = hang_s
+        self.latency_s = latency_s
+        self._lock = threading.Lock()
+        self._faults: deque[str] = deque()
+        self._requests: list[dict[str, Any]] = []
+        self._responders: list[Responder] = []
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.app = self._build_app()
+
+    # -- control (in-process) ------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def faults_pending(self) -> list[str]:
+        with self._lock:
+            return list(self._faults)
+
+    def inject(self, *faults: str) -> None:
+        unknown = [f for f in faults if f not in FAULTS]
+        if unknown:
+            raise ValueError(f"unknown faults {unknown}; known: {FAULTS}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def register(self, responder: Responder) -> None:
+        """Answer other prompts: ``responder(messages)`` returns the content string, or None to pass."""
+        with self._lock:
+            self._responders.append(responder)
+
+    def reset(self) -> None:
+        """Clear queued faults, recorded requests and counters (responders and config stay)."""
+        with self._lock:
+            self._faults.clear()
+            self._requests.clear()
+            self.max_in_flight = self._in_flight
+
+    # -- the app ---------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="lightmem test LLM")
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Any:
+            body = await request.json()
+            with self._lock:
+                self._requests.append(body)
+                fault = self._faults.popleft() if self._faults else None
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            try:
+                return await self._answer(request, body, fault)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+        @app.get("/v1/models")
+        async def models() -> Any:
+            return {"object": "list", "data": [{"id": "test-model", "object": "model", "owned_by": "tests"}]}
+
+        @app.post("/control/faults")
+        async def add_faults(payload: dict[str, Any]) -> Any:
+            faults = payload.get("faults", [])
+            try:
+                self.inject(*faults)
+            except ValueError as exc:
+                return JSONResponse(status_code=422, content={"detail": str(exc)})
+            return {"queued": len(self.faults_pending)}
+
+        @app.delete("/control/faults")
+        async def clear_faults() -> Any:
+            with self._lock:
+                self._faults.clear()
+            return {"queued": 0}
+
+        @app.get("/control/requests")
+        async def requests_count(bodies: bool = False) -> Any:
+            with self._lock:
+                out: dict[str, Any] = {
+                    "count": len(self._requests),
+                    "in_flight": self._in_flight,
+                    "max_in_flight": self.max_in_flight,
+                    "faults_pending": len(self._faults),
+                }
+                if bodies:
+                    out["requests"] = list(self._requests)
+            return out
+
+        @app.post("/control/reset")
+        async def reset() -> Any:
+            self.reset()
+            return {"ok": True}
+
+        @app.post("/control/config")
+        async def config(payload: dict[str, Any]) -> Any:
+            if "latency_s" in payload:
+                self.latency_s = float(payload["latency_s"])
+            if "hang_s" in payload:
+                self.hang_s = float(payload["hang_s"])
+            return {"latency_s": self.latency_s, "hang_s": self.hang_s}
+
+        return app
+
+    async def _answer(self, request: Request, body: dict[str, Any], fault: str | None) -> Any:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if fault == "500":
+            return _error(500, "injected server error", "server_error")
+        if fault == "429":
+            return _error(429, "injected rate limit", "rate_limit_exceeded")
+        if fault == "timeout":
+            deadline = time.monotonic() + self.hang_s
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return _error(504, "injected timeout", "timeout")
+
+        messages = body.get("messages") or []
+        content = self._content(messages)
+        if fault == "invalid_json":
+            content = "Sure! Here are the facts: the user likes tea (not JSON at all"
+        elif fault == "bad_schema":
+            content = json.dumps({"summary": "missing the facts key"})
+        elif fault == "bad_alias":
+            data = json.loads(content)
+            facts = data.get("facts") or [{"text": "an invented fact", "sources": []}]
+            data["facts"] = [{**f, "sources": [999]} for f in facts]
+            content = json.dumps(data)
+        elif fault == "fenced":
+            content = f"```json\n{content}\n```"
+
+        flat = [{"role": str(m.get("role", "")), "content": _text(m.get("content"))} for m in messages]
+        prompt_tokens = count_messages_tokens(flat)
+        completion_tokens = count_tokens(content)
+        with self._lock:
+            n = len(self._requests)
+        return {
+            "id": f"chatcmpl-test-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "test-model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _content(self, messages: list[dict[str, Any]]) -> str:
+        with self._lock:
+            responders = list(self._responders)
+        for responder in responders:
+            answer = responder(messages)
+            if answer is not None:
+                return answer
+        data = extraction_answer(messages)
+        return json.dumps(data if data is not None else {"summary": "", "facts": []}, ensure_ascii=False)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _uvicorn(self) -> tuple[uvicorn.Server, socket.socket]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
+        )
+        return uvicorn.Server(config), sock
+
+    def start(self, timeout_s: float = 10.0) -> LLMServer:
+        if self._thread is not None:
+            return self
+        self._server, self._socket = self._uvicorn()
+        server, sock = self._server, self._socket
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="llm-test-server", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test LLM server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+    def run(self) -> None:
+        """Serve in the foreground until interrupted (standalone mode)."""
+        server, sock = self._uvicorn()
+        self._server, self._socket = server, sock
+
+        async def ready() -> None:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            print(f"LLM server ready at {self.url}", flush=True)
+
+        async def main() -> None:
+            watcher = asyncio.create_task(ready())
+            await server.serve(sockets=[sock])
+            watcher.cancel()
+
+        try:
+            asyncio.run(main())
+        finally:
+            sock.close()
+
+    def __enter__(self) -> LLMServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else json.dumps(content)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089, help="0 picks a free port")
+    parser.add_argument("--hang-s", type=float, default=30.0, help="how long the 'timeout' fault holds a request")
+    parser.add_argument("--latency-s", type=float, default=0.0, help="delay before every answer")
+    args = parser.parse_args(argv)
+    LLMServer(args.host, args.port, hang_s=args.hang_s, latency_s=args.latency_s).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
