@@ -1,0 +1,267 @@
+"""The store contract and the backend-neutral logic both backends share.
+
+Backends implement a handful of primitives over a neutral ``Scope`` (user, time range, kinds);
+everything that decides *what* is returned — user checks, payload mapping, search modes,
+reciprocal-rank fusion, ordering and tie-breaking — lives here once, so the embedded engine and
+qdrant-client return the same results by construction.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from schemas.records import MemoryRecord
+from streams.ltm import sparse
+from streams.settings import StoreSettings
+
+SearchMode = Literal["hybrid", "dense", "sparse"]
+DENSE = "dense"
+SPARSE = "bm25"
+DERIVED_FIELDS = ("event_ts_min", "event_ts_max")
+TIE_SLACK = 8  # extra candidates fetched so equal-score hits at the cut are chosen by id, not engine order
+
+
+class MissingUserError(ValueError):
+    """A store read or write was attempted without a user id."""
+
+
+@dataclass(frozen=True)
+class ScoredMemory:
+    record: MemoryRecord
+    score: float
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    def upsert(self, records: Sequence[MemoryRecord], vectors: np.ndarray) -> None: ...
+
+    def search(
+        self,
+        user_id: str,
+        query_text: str,
+        query_vector: np.ndarray | None,
+        limit: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        time_from: datetime | None = None,
+        time_to: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[ScoredMemory]: ...
+
+    def get(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryRecord]: ...
+
+    def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]: ...
+
+    def get_vectors(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def delete(self, user_id: str, memory_ids: Sequence[str]) -> None: ...
+
+    def delete_user(self, user_id: str) -> int: ...
+
+    def count(self, user_id: str | None = None) -> int: ...
+
+    def users(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a read is restricted to; the user is always set."""
+
+    user_id: str
+    ts_from: float | None = None
+    ts_to: float | None = None
+    kinds: tuple[str, ...] | None = None
+    ids: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    payload: Mapping[str, Any] | None = None
+
+
+def require_user(user_id: str | None, op: str) -> str:
+    if not isinstance(user_id, str) or not user_id:
+        raise MissingUserError(
+            f"MemoryStore.{op} needs a non-empty user_id: every read and write is scoped to one user"
+        )
+    return user_id
+
+
+def to_payload(record: MemoryRecord) -> dict[str, Any]:
+    payload = record.model_dump(mode="json")
+    stamps = [t.timestamp() for t in record.event_timestamps]
+    payload["event_ts_min"] = min(stamps)
+    payload["event_ts_max"] = max(stamps)
+    return payload
+
+
+def from_payload(payload: Mapping[str, Any]) -> MemoryRecord:
+    return MemoryRecord.model_validate({k: v for k, v in payload.items() if k not in DERIVED_FIELDS})
+
+
+def rrf(branches: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """Reciprocal rank fusion: score = sum over branches of 1 / (k + rank), rank from 1; ties by id."""
+    fused: dict[str, float] = {}
+    for hits in branches:
+        for rank, hit in enumerate(hits, start=1):
+            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (k + rank)
+    return sorted((Hit(i, s) for i, s in fused.items()), key=lambda h: (-h.score, h.id))
+
+
+def _ordered(hits: Sequence[Hit]) -> list[Hit]:
+    """Best first; equal scores (to float32 precision, which backends differ below) by id."""
+    return sorted(hits, key=lambda h: (-float(np.float32(h.score)), h.id))
+
+
+class BaseStore(ABC):
+    """Shared implementation of ``MemoryStore`` over backend primitives."""
+
+    def __init__(self, settings: StoreSettings, dim: int) -> None:
+        self.settings = settings
+        self.dim = dim
+
+    # -- backend primitives -----------------------------------------------------------
+    @abstractmethod
+    def _write(
+        self, ids: list[str], dense: np.ndarray, docs: list[sparse.Sparse], payloads: list[dict[str, Any]]
+    ) -> None: ...
+
+    @abstractmethod
+    def _query(
+        self, scope: Scope, dense: np.ndarray | None, sp: sparse.Sparse | None, limit: int, with_payload: bool
+    ) -> list[list[Hit]]:
+        """One ranked hit list per given query (dense first, then sparse), all restricted to ``scope``."""
+
+    @abstractmethod
+    def _fetch(self, scope: Scope, with_vector: bool) -> list[tuple[str, Mapping[str, Any], np.ndarray | None]]:
+        """All points in ``scope`` (scope.ids narrows it) with payload and optionally the dense vector."""
+
+    @abstractmethod
+    def _delete(self, scope: Scope) -> None: ...
+
+    @abstractmethod
+    def _count(self, user_id: str | None) -> int: ...
+
+    @abstractmethod
+    def users(self) -> list[str]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- writes -----------------------------------------------------------------------
+    def upsert(self, records: Sequence[MemoryRecord], vectors: np.ndarray) -> None:
+        if not records:
+            return
+        vecs = np.asarray(vectors, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape != (len(records), self.dim):
+            raise ValueError(f"vectors must have shape ({len(records)}, {self.dim}), got {vecs.shape}")
+        for rec in records:
+            require_user(rec.user_id, "upsert")
+        latest: dict[str, int] = {}
+        for i, rec in enumerate(records):
+            latest[rec.memory_id] = i  # one point per id; the last occurrence in a batch wins
+        rows = sorted(latest.values())
+        self._write(
+            [records[i].memory_id for i in rows],
+            vecs[rows],
+            [sparse.document_vector(records[i].text) for i in rows],
+            [to_payload(records[i]) for i in rows],
+        )
+
+    def delete(self, user_id: str, memory_ids: Sequence[str]) -> None:
+        user = require_user(user_id, "delete")
+        if memory_ids:
+            self._delete(Scope(user, ids=tuple(memory_ids)))
+
+    def delete_user(self, user_id: str) -> int:
+        user = require_user(user_id, "delete_user")
+        before = self._count(user)
+        if before:
+            self._delete(Scope(user))
+        return before - self._count(user)
+
+    # -- reads ------------------------------------------------------------------------
+    def count(self, user_id: str | None = None) -> int:
+        if user_id is not None:
+            require_user(user_id, "count")
+        return self._count(user_id)
+
+    def get(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryRecord]:
+        user = require_user(user_id, "get")
+        if not memory_ids:
+            return []
+        found = {pid: from_payload(p) for pid, p, _ in self._fetch(Scope(user, ids=tuple(memory_ids)), False)}
+        return [found[m] for m in dict.fromkeys(memory_ids) if m in found]
+
+    def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
+        user = require_user(user_id, "get_all")
+        records = sorted(
+            (from_payload(p) for _, p, _ in self._fetch(Scope(user), False)), key=lambda r: (r.created_at, r.memory_id)
+        )
+        return records if limit is None else records[:limit]
+
+    def get_vectors(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        user = require_user(user_id, "get_vectors")
+        if not memory_ids:
+            return {}
+        rows = self._fetch(Scope(user, ids=tuple(memory_ids)), True)
+        return {pid: np.asarray(v, dtype=np.float32) for pid, _, v in rows if v is not None}
+
+    def search(
+        self,
+        user_id: str,
+        query_text: str,
+        query_vector: np.ndarray | None,
+        limit: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        time_from: datetime | None = None,
+        time_to: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[ScoredMemory]:
+        user = require_user(user_id, "search")
+        mode = mode or self.settings.search_mode
+        if limit <= 0:
+            return []
+        if mode not in ("hybrid", "dense", "sparse"):
+            raise ValueError(f"unknown search mode {mode!r}")
+        scope = Scope(
+            user,
+            ts_from=time_from.timestamp() if time_from is not None else None,
+            ts_to=time_to.timestamp() if time_to is not None else None,
+            kinds=tuple(kinds) if kinds is not None else None,
+        )
+        dense = self._dense_query(query_vector) if mode != "sparse" else None
+        if mode == "dense" and dense is None:
+            raise ValueError("dense search needs a query_vector")
+        sp = sparse.query_vector(query_text or "") if mode != "dense" else None
+        if sp is not None and not sp:
+            sp = None  # no searchable terms (empty or only stopwords)
+        if dense is None and sp is None:
+            return []
+        if mode != "hybrid" or dense is None or sp is None:
+            (hits,) = self._query(scope, dense, sp, limit + TIE_SLACK, True)
+            return [ScoredMemory(from_payload(h.payload or {}), h.score) for h in _ordered(hits)[:limit]]
+        depth = max(self.settings.prefetch, limit)
+        branches = [_ordered(b)[:depth] for b in self._query(scope, dense, sp, depth + TIE_SLACK, False)]
+        fused = rrf(branches, self.settings.rrf_k)[:limit]
+        payloads = {pid: p for pid, p, _ in self._fetch(Scope(user, ids=tuple(h.id for h in fused)), False)}
+        return [ScoredMemory(from_payload(payloads[h.id]), h.score) for h in fused if h.id in payloads]
+
+    def _dense_query(self, query_vector: np.ndarray | None) -> np.ndarray | None:
+        if query_vector is None:
+            return None
+        vec = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != self.dim:
+            raise ValueError(f"query_vector must have {self.dim} dimensions, got {vec.shape[0]}")
+        return vec

@@ -1,0 +1,34 @@
+"""Long-term memory store: one interface (``MemoryStore``), backends picked by ``StoreSettings``.
+
+- ``edge``   — Qdrant's embedded engine (qdrant-edge-py), a shard at ``settings.path / collection`` (default);
+- ``local``  — qdrant-client local mode at ``settings.path / "local"``;
+- ``server`` — a Qdrant server at ``settings.url`` (setting ``url`` forces this backend).
+
+Every point's id is the memory id; its payload is the ``MemoryRecord`` (json mode) plus
+``event_ts_min``/``event_ts_max`` (epoch seconds) for time-range filters. Each point carries a
+dense vector (``dense``, cosine) and a BM25 sparse vector (``bm25``, IDF applied by the engine
+over the user's own memories). Hybrid search fuses both with reciprocal rank fusion in Python,
+so every backend returns the same ranking by construction.
+"""
+
+from __future__ import annotations
+
+from streams.ltm.base import MemoryStore, MissingUserError, ScoredMemory, SearchMode
+from streams.settings import StoreSettings
+
+__all__ = ["MemoryStore", "MissingUserError", "ScoredMemory", "SearchMode", "open_store"]
+
+
+def open_store(settings: StoreSettings, dim: int, *, collection: str | None = None) -> MemoryStore:
+    """Open (creating if needed) the memory collection on the configured backend."""
+    name = collection or settings.collection
+    backend = "server" if settings.url else settings.backend
+    if backend == "edge":
+        from streams.ltm.edge import EdgeStore
+
+        return EdgeStore(settings, dim, name)
+    if backend == "server" and not settings.url:
+        raise ValueError("store backend 'server' needs settings.url (LIGHTMEM_STORE__URL)")
+    from streams.ltm.client import ClientStore
+
+    return ClientStore(settings, dim, name, server=backend == "server")
