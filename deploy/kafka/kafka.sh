@@ -23,7 +23,7 @@
 #   MVN                             maven command      (default mvn)
 set -euo pipefail
 
-SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+SCRIPT_DIR="$(cd -- "$(dirname -- "$(readlink -f -- "${BASH_SOURCE[0]}")")" && pwd -P)"
 POM="$SCRIPT_DIR/pom.xml"
 
 KHOME="${LIGHTMEM_KAFKA_HOME:-$HOME/.cache/lightmem/kafka}"
@@ -48,7 +48,7 @@ die() { echo "kafka.sh: error: $*" >&2; exit 1; }
 info() { echo "kafka.sh: $*"; }
 
 usage() {
-  sed -n 's/^# \{0,1\}//; 5,10p' "${BASH_SOURCE[0]}" >&2
+  sed -n 's/^# \{0,1\}//; 5,10p' "${BASH_SOURCE[0]}"
 }
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -67,7 +67,9 @@ marker_content() {
 
 check_port_var() {
   local name="$1" val="$2"
-  [[ "$val" =~ ^[0-9]+$ ]] && ((val > 0 && val < 65536)) || die "$name must be a TCP port, got '$val'"
+  if ! [[ "$val" =~ ^[0-9]+$ ]] || ((val < 1 || val > 65535)); then
+    die "$name must be a TCP port, got '$val'"
+  fi
 }
 
 find_java() {
@@ -102,6 +104,13 @@ running_pid() {
   else
     rm -f "$PIDFILE"
   fi
+}
+
+# client address of the running broker, from the server.properties it was started with
+running_bootstrap() {
+  local a
+  a="$(sed -n 's|^advertised.listeners=PLAINTEXT://||p' "$PROPS" 2>/dev/null | head -n1)"
+  echo "${a:-$HOST:$PORT}"
 }
 
 rss_mib() {
@@ -173,8 +182,10 @@ cmd_fetch() {
   rm -rf "$tmp"
   mkdir -p "$tmp"
   info "fetching Kafka $(kafka_version) jars from Maven Central into $LIBS ..."
+  # (the sed drops the bare ANSI resets that Debian's Maven 3.8 prints even with -q -B)
   if ! (cd "$SCRIPT_DIR" && "$mvn" -q -B -Dstyle.color=never -f "$POM" \
-    dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime); then
+    dependency:copy-dependencies -DoutputDirectory="$tmp" -DincludeScope=runtime </dev/null 2>&1 |
+    sed -e 's/\x1b\[0m//g' -e '/^$/d' >&2); then
     rm -rf "$tmp"
     die "mvn failed to resolve the Kafka jars (see the output above)"
   fi
@@ -247,7 +258,7 @@ cmd_up() {
   local pid
   pid="$(running_pid)"
   if [[ -n "$pid" ]]; then
-    info "already running: bootstrap=$HOST:$PORT pid=$pid data=$DATA"
+    info "already running: bootstrap=$(running_bootstrap) pid=$pid data=$DATA"
     return 0
   fi
   find_java
@@ -275,14 +286,22 @@ cmd_up() {
     fi
   fi
 
+  # setsid: own session, so a Ctrl-C or a killed process group of the caller leaves it running;
+  # nohup + redirections: no terminal, and no pipe of the caller held open (subprocess-friendly).
+  local setsid=()
+  command -v setsid >/dev/null 2>&1 && setsid=(setsid)
   # shellcheck disable=SC2086 # LIGHTMEM_KAFKA_JAVA_OPTS is split on purpose
-  nohup "$JAVA" -Xmx"$HEAP" -Xms"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  "${setsid[@]}" nohup "$JAVA" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$LOG4J" -Dkafka.logs.dir="$DATA" \
     ${LIGHTMEM_KAFKA_JAVA_OPTS:-} \
     -cp "$LIBS/*" kafka.Kafka "$PROPS" >"$OUT_LOG" 2>&1 </dev/null 9>&- &
   pid=$!
   echo "$pid" >"$PIDFILE"
+  sleep 0.2
+  if kill -0 "$pid" 2>/dev/null && [[ -z "$(running_pid)" ]]; then
+    die "started pid $pid, but it is not the broker (setsid forked?); see $OUT_LOG"
+  fi
 
   local deadline=$((SECONDS + START_TIMEOUT))
   while :; do
@@ -315,7 +334,7 @@ cmd_down() {
   case "${1:-}" in
     "") ;;
     --purge) purge=yes ;;
-    *) usage; die "unknown option for down: $1" ;;
+    *) usage >&2; die "unknown option for down: $1" ;;
   esac
   with_lock
   local pid
@@ -353,7 +372,7 @@ cmd_status() {
   local pid
   pid="$(running_pid)"
   if [[ -n "$pid" ]]; then
-    info "running: bootstrap=$HOST:$PORT pid=$pid rss=$(rss_mib "$pid") data=$DATA"
+    info "running: bootstrap=$(running_bootstrap) pid=$pid rss=$(rss_mib "$pid") data=$DATA"
     return 0
   fi
   info "not running (data=$DATA)"
@@ -366,5 +385,5 @@ case "${1:-}" in
   down) shift; [[ $# -le 1 ]] || die "down takes at most --purge"; cmd_down "$@" ;;
   status) shift; [[ $# -eq 0 ]] || die "status takes no arguments"; cmd_status ;;
   -h | --help | help) usage ;;
-  *) usage; exit 2 ;;
+  *) usage >&2; exit 2 ;;
 esac
