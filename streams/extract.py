@@ -306,17 +306,39 @@ class Extractor:
         self.pipeline_version = pipeline_version
         self.prompt_version = EXTRACTION_PROMPT_VERSION
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
         if settings.base_url:
-            self._client = openai.AsyncOpenAI(
-                base_url=settings.base_url,
-                api_key=settings.api_key.get_secret_value(),
-                timeout=settings.timeout_s,
-                max_retries=0,
-            )
+            self._client = self._new_client()
             self.name = f"llm:{settings.model}"
         else:
             self.name = EXTRACTIVE_NAME
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.settings.base_url,
+            api_key=self.settings.api_key.get_secret_value(),
+            timeout=self.settings.timeout_s,
+            max_retries=0,
+        )
+
+    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        """The client and the limit, bound to the running loop.
+
+        The connection pool and the semaphore belong to one event loop; if this Extractor is reused under a
+        new loop (e.g. successive ``asyncio.run`` calls of a CLI) both are rebuilt instead of failing every
+        call with a closed-loop connection error.
+        """
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            log.info("extractor reused under a new event loop: rebuilding its HTTP client")
+            self._loop = loop
+            self._client = self._new_client()
+            self._semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+        return self._client, self._semaphore
 
     @property
     def offline(self) -> bool:
@@ -329,8 +351,11 @@ class Extractor:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        if self._client is None:
+            return
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            return  # its connections died with their loop
+        await self._client.close()
 
     async def extract(self, user_id: str, segments: Sequence[TopicSegment], now: datetime) -> ExtractResult:
         """One STM flush → an ``STMSummary`` or, after bounded retries, a ``DeadLetter``."""
@@ -342,6 +367,7 @@ class Extractor:
             cost = StageCost(stage="extraction", seconds=time.perf_counter() - started, items=n_turns)
             return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=1)
 
+        client, semaphore = self._session()
         messages, alias_map = build_extraction_prompt(segments)
         calls = input_tokens = output_tokens = 0
         last: BaseException | None = None
@@ -349,9 +375,9 @@ class Extractor:
             if attempt:
                 await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
             try:
-                async with self._semaphore:
+                async with semaphore:
                     calls += 1
-                    response = await self._client.chat.completions.create(
+                    response = await client.chat.completions.create(
                         model=self.settings.model,
                         messages=cast("list[ChatCompletionMessageParam]", messages),
                         temperature=self.settings.temperature,

@@ -50,5 +50,6 @@ def llm_server() -> Iterator[LLMServer]:
 def llm(llm_server: LLMServer) -> Iterator[LLMServer]:
     llm_server.reset()
     llm_server.latency_s = 0.0
+    llm_server.hang_s = 30.0
     yield llm_server
     llm_server.reset()

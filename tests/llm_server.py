@@ -19,7 +19,8 @@ process) queues faults, consumed one per chat request, in order:
   client's timeout;
 - ``"invalid_json"``: non-JSON content; ``"bad_schema"``: JSON without ``facts``; ``"bad_alias"``: the normal
   answer with every fact's sources replaced by ``[999]``;
-- ``"fenced"`` (not a fault): the normal answer wrapped in a Markdown ```json fence.
+- ``"fenced"`` (not a fault): the normal answer wrapped in a Markdown ```json fence;
+- ``"no_usage"`` (not a fault): the normal answer without the ``usage`` object.
 
 Inspection: ``server.requests`` (every chat request body, in order), ``server.max_in_flight``;
 ``GET /control/requests`` → ``{"count", "in_flight", "max_in_flight", "faults_pending"}`` (``?bodies=1`` adds
@@ -51,7 +52,7 @@ from fastapi.responses import JSONResponse
 
 from streams.tokens import count_messages_tokens, count_tokens
 
-FAULTS = ("500", "429", "timeout", "invalid_json", "bad_schema", "bad_alias", "fenced")
+FAULTS = ("500", "429", "timeout", "invalid_json", "bad_schema", "bad_alias", "fenced", "no_usage")
 TURN_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2}) \d{2}:\d{2}\) (.+?):(?: (.*))?$")
 SUMMARY_WORDS = 8
 
@@ -254,7 +255,7 @@ class LLMServer:
         completion_tokens = count_tokens(content)
         with self._lock:
             n = len(self._requests)
-        return {
+        answer: dict[str, Any] = {
             "id": f"chatcmpl-test-{n}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -273,6 +274,9 @@ class LLMServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+        if fault == "no_usage":
+            del answer["usage"]
+        return answer
 
     def _content(self, messages: list[dict[str, Any]]) -> str:
         with self._lock:
