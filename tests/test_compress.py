@@ -77,15 +77,18 @@ class CountingEncoder:
 def test_offline_keeps_order_and_words(text: str, rate: float) -> None:
     out = compress_text(text, rate)
     assert out and out != text
-    assert is_subsequence(out.split(), text.split()) or is_subsequence(words(out), words(text))
+
+    def bare(t: str) -> list[str]:  # sentence-final punctuation of a dropped word may move to a kept one
+        return [w.rstrip(".!?") for w in t.split()]
+
+    assert is_subsequence(bare(out), bare(text))
     assert is_subsequence(words(out), words(text))
 
 
 @pytest.mark.parametrize("rate", [0.4, 0.5, 0.6, 0.7, 0.8])
 def test_offline_respects_rate_on_a_paragraph(rate: float) -> None:
     kept = count_tokens(compress_text(PARAGRAPH, rate)) / count_tokens(PARAGRAPH)
-    assert abs(kept - rate) <= 0.05, kept
-    assert abs(kept - rate) <= 0.1
+    assert abs(kept - rate) <= 0.05, kept  # the brief asks for ±0.1; on prose it lands within a few percent
 
 
 def test_offline_rate_on_sentences_is_close() -> None:

@@ -30,6 +30,9 @@ Kept words are emitted in their original order with their attached punctuation; 
 ended a sentence (``.``, ``!``, ``?``) its final punctuation moves onto the previous kept word so
 sentence and question boundaries survive. Newlines between kept words are preserved.
 
+Words are whitespace-delimited, so text without spaces (Chinese, Japanese) is one "word" and is kept
+whole; LLMLingua-2 (multilingual) is the compressor for such users.
+
 Everything is deterministic (ties break by position) and cached per distinct word, which makes the
 compressor fast (well above 5,000 conversational turns per second on one core).
 """
