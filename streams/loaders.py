@@ -373,7 +373,8 @@ def _jsonl_turn(obj: Any, where: str, default_user: str | None, next_seq: dict[t
         v = user_id if k == "user_id" else obj[k]
         if not isinstance(v, str):
             raise ValueError(f"{where}: {k} must be a string, got {type(v).__name__}")
-    session_id = obj["session_id"]
+    assert isinstance(user_id, str)  # checked above; narrows for the type checker
+    session_id: str = obj["session_id"]
     ts = _parse_iso(obj["timestamp"], where)
     key = (user_id, session_id)
     seq = obj.get("seq")
