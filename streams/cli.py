@@ -245,6 +245,9 @@ def schemas(write: Annotated[bool, typer.Option(help="rewrite the JSON Schema fi
     console.print("JSON schemas up to date")
 
 
+from streams import cli_kafka  # noqa: E402,F401
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,422 @@
+"""The Faust worker app: the sensory processor and the STM aggregator over Kafka.
+
+Agents (the shell only; every decision is a stage function of ``streams``):
+
+- **sensory** over the raw-turn topic, in small batches: validate ``RawTurn`` (a bad record → a dead
+  letter with stage ``ingest``, the reason and the original bytes; the stream goes on), then
+  ``compress_turns`` for the batch and ``segment.segment`` per turn against the user's
+  ``SensoryBufferState`` (Faust table ``sensory``), closed ``TopicSegment``\\ s → the segments topic.
+- **stm** over the segments topic: ``stm.add`` against the user's ``STMBufferState`` (table ``stm``); a
+  full batch → ``Extractor.extract`` (async HTTP) → the ``STMSummary`` to the summaries topic, or its
+  dead letter to the dead-letter topic.
+- **idle timer** (every ``tick_s``): for users of this worker's partitions idle past
+  ``settings.stm.idle_timeout_s``, ``segment.flush`` their sensory buffer (→ segments topic), then
+  ``stm.due``/``stm.flush`` → extract → summaries once the flushed segments have reached STM.
+
+Model work (compression, segmentation) runs in a one-thread executor so the event loop keeps serving
+other partitions, heartbeats and commits; the LLM call is awaited on the loop.
+
+State: both tables live in memory (``store="memory://"``) and are backed by compacted changelog topics,
+so a restarted or added worker recovers them. A table row is JSON::
+
+    sensory[user] = {"state": SensoryBufferState, "offset": last raw-turn offset applied,
+                     "seen_at": epoch s of the user's last turn, "pending": [segment ids flushed by the timer]}
+    stm[user]     = {"state": STMBufferState, "offset": last segment offset applied,
+                     "recent": [ids of the last segments handed to extraction]}
+
+Delivery is at-least-once. Each record's outputs are acknowledged by Kafka *before* the row that
+records it is written, and the row carries the offset it applied, so after a crash: a redelivered
+record at or below that offset is skipped; a record whose outputs went out but whose row did not is
+recomputed (same deterministic ids); a re-emitted segment already batched is skipped via ``recent``;
+a re-emitted summary overwrites itself in the store. Workers never open Qdrant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.types import TP
+from pydantic import ValidationError
+
+from schemas.records import (
+    DeadLetter,
+    RawTurn,
+    SensoryBufferState,
+    StageCost,
+    STMBufferState,
+    TopicSegment,
+)
+from streams import segment as sensory
+from streams import stm
+from streams.cost import CostLedger
+from streams.pipeline import Stages
+from streams.settings import Settings
+
+from .topics import (
+    dumps,
+    error_dead_letter,
+    key_of,
+    message_dead_letter,
+    partition_for,
+    validation_kind,
+    validation_reason,
+)
+
+log = logging.getLogger("streams.kafka.app")
+
+RECENT_SEGMENTS = 1024  # ids of batched segments remembered per user (re-emission guard)
+
+
+@dataclass
+class SensoryRow:
+    state: SensoryBufferState
+    offset: int = -1
+    seen_at: float = 0.0
+    pending: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, raw: bytes | None, user_id: str) -> SensoryRow:
+        if raw is None:
+            return cls(SensoryBufferState(user_id=user_id))
+        d = json.loads(raw)
+        return cls(SensoryBufferState.model_validate(d["state"]), d["offset"], d["seen_at"], d.get("pending", []))
+
+    def dump(self) -> bytes:
+        d = {"state": self.state.model_dump(mode="json"), "offset": self.offset, "seen_at": self.seen_at}
+        d["pending"] = self.pending
+        return json.dumps(d, separators=(",", ":")).encode()
+
+
+@dataclass
+class STMRow:
+    state: STMBufferState
+    offset: int = -1
+    recent: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, raw: bytes | None, user_id: str) -> STMRow:
+        if raw is None:
+            return cls(stm.empty(user_id))
+        d = json.loads(raw)
+        return cls(STMBufferState.model_validate(d["state"]), d["offset"], d.get("recent", []))
+
+    def dump(self) -> bytes:
+        d = {"state": self.state.model_dump(mode="json"), "offset": self.offset, "recent": self.recent}
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    def knows(self, segment_id: str) -> bool:
+        return segment_id in self.recent or any(s.segment_id == segment_id for s in self.state.segments)
+
+
+class UserTable(faust.Table):
+    """A table keyed by user id whose changelog partition is the key's partition (murmur2, as producers).
+
+    That is the user's raw-turn (and segment) partition, known without a current stream event, so the
+    idle timer can write rows too. (Faust's own ``use_partitioner=True`` needs the changelog topic in
+    the producer's metadata before its first send and crashes otherwise.)
+    """
+
+    def partition_for_key(self, key: Any) -> int | None:
+        assert self.partitions is not None, "UserTable needs its partition count"
+        return partition_for(key, self.partitions)
+
+
+@dataclass
+class WorkerStats:
+    turns: int = 0
+    skipped_turns: int = 0
+    segments_out: int = 0
+    segments_in: int = 0
+    summaries: int = 0
+    dead_letters: int = 0
+    idle_flushes: int = 0
+
+
+class Shell:
+    """The worker's wiring: topics, tables, agents and the timer around the loaded ``Stages``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stages: Stages,
+        *,
+        web_port: int | None = None,
+        datadir: Path | None = None,
+        tick_s: float | None = None,
+        batch_max: int = 32,
+        batch_within_s: float = 0.1,
+        standby_replicas: int = 0,
+        session_timeout_s: float = 10.0,
+        commit_interval_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.kafka = settings.kafka
+        self.partitions = settings.kafka.partitions
+        self.idle_s = settings.stm.idle_timeout_s
+        self.tick_s = tick_s or max(0.2, min(1.0, self.idle_s / 4))
+        self.batch_max = batch_max
+        self.batch_within_s = batch_within_s
+        self.stats = WorkerStats()
+        self.ledger = CostLedger()
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-cpu")
+        self._locks: dict[bytes, asyncio.Lock] = defaultdict(asyncio.Lock)
+        t = settings.kafka.topics
+        datadir = datadir or settings.data_dir / "faust"
+        datadir.mkdir(parents=True, exist_ok=True)
+        app = faust.App(
+            settings.kafka.app_id,
+            broker=[f"kafka://{h.strip()}" for h in settings.kafka.bootstrap_servers.split(",") if h.strip()],
+            store="memory://",
+            topic_partitions=settings.kafka.partitions,
+            topic_replication_factor=settings.kafka.replication_factor,
+            table_standby_replicas=standby_replicas,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=commit_interval_s,
+            broker_session_timeout=session_timeout_s,
+            broker_heartbeat_interval=min(3.0, session_timeout_s / 4),
+            web_enabled=web_port is not None,
+            web_port=web_port or 6066,
+            web_bind="127.0.0.1",
+            datadir=str(datadir),
+            timezone=UTC,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        self.app = app
+        raw_kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.raw_topic = app.topic(t.raw_turns, partitions=self.partitions, **raw_kw)
+        self.segments_topic = app.topic(t.segments, partitions=self.partitions, **raw_kw)
+        self.summaries_topic = app.topic(t.summaries, partitions=self.partitions, **raw_kw)
+        self.dlq_topic = app.topic(t.dead_letters, partitions=self.partitions, **raw_kw)
+        self.sensory_table = self._table("sensory", "per-user sensory buffer (JSON)")
+        self.stm_table = self._table("stm", "per-user STM buffer (JSON)")
+
+        app.agent(self.raw_topic, name="sensory")(self._sensory_agent)
+        app.agent(self.segments_topic, name="stm")(self._stm_agent)
+        app.timer(self.tick_s, name="idle-flush")(self._idle_timer)
+
+    def _table(self, name: str, help: str) -> UserTable:
+        table = UserTable(
+            self.app,
+            name=name,
+            default=None,
+            beacon=self.app.tables.beacon,
+            partitions=self.partitions,
+            key_type=bytes,  # → the "raw" codec: keys are user-id bytes, values JSON bytes
+            value_type=bytes,
+            help=help,
+        )
+        return self.app.tables.add(table)  # type: ignore[return-value]
+
+    # -- helpers ------------------------------------------------------------------------------------
+    async def _cpu_call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    async def _send(self, topic: faust.types.TopicT, key: bytes | None, value: bytes) -> Any:
+        return await topic.send(key=key, value=value)
+
+    async def _send_all(self, sends: Sequence[tuple[faust.types.TopicT, bytes | None, bytes]]) -> None:
+        """Send and wait until Kafka acknowledged every record."""
+        futures = [await self._send(topic, key, value) for topic, key, value in sends]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _dead(self, letters: Sequence[DeadLetter]) -> None:
+        for d in letters:
+            log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)
+        self.stats.dead_letters += len(letters)
+        await self._send_all([(self.dlq_topic, key_of(d.key), dumps(d)) for d in letters])
+
+    def _local(self, key: bytes) -> bool:
+        p = partition_for(key, self.partitions)
+        return TP(self.kafka.topics.raw_turns, p) in self.app.assignor.assigned_actives()
+
+    def _sensory_row(self, key: bytes, user_id: str) -> SensoryRow:
+        return SensoryRow.load(self.sensory_table.get(key), user_id)
+
+    # -- sensory ------------------------------------------------------------------------------------
+    async def _sensory_agent(self, stream: faust.StreamT) -> None:
+        batches = stream.take_events(self.batch_max, within=self.batch_within_s)  # type: ignore[attr-defined]
+        async for events in batches:
+            await self.handle_turns([e.message for e in events])
+
+    async def handle_turns(self, messages: Sequence[Any]) -> None:
+        parsed: list[tuple[RawTurn, Any]] = []
+        dead: list[DeadLetter] = []
+        for msg in messages:
+            try:
+                turn = RawTurn.model_validate_json(msg.value if msg.value is not None else b"")
+            except ValidationError as exc:
+                dead.append(message_dead_letter(msg, "ingest", validation_reason(exc), validation_kind(exc)))
+                continue
+            if msg.key != key_of(turn.user_id):
+                reason = f"record key {msg.key!r} is not the turn's user id {turn.user_id!r}"
+                dead.append(message_dead_letter(msg, "ingest", reason, "KeyMismatch"))
+                continue
+            parsed.append((turn, msg))
+        if dead:
+            await self._dead(dead)
+        if not parsed:
+            return
+        # redeliveries below a user's applied offset are skipped before any model work
+        fresh = [(t, m) for t, m in parsed if m.offset > self._sensory_row(m.key, t.user_id).offset]
+        self.stats.skipped_turns += len(parsed) - len(fresh)
+        if not fresh:
+            return
+        t0 = time.perf_counter()
+        try:
+            compressed = await self._cpu_call(self.stages.compress, [t for t, _ in fresh])
+        except Exception:  # a model failure on the batch: isolate the bad turn(s) one by one
+            log.exception("compression of a batch of %d turns failed; retrying one by one", len(fresh))
+            compressed = []
+            kept = []
+            for turn, msg in fresh:
+                try:
+                    compressed.extend(await self._cpu_call(self.stages.compress, [turn]))
+                    kept.append((turn, msg))
+                except Exception as exc:  # noqa: BLE001 - becomes a dead letter
+                    await self._dead([error_dead_letter(msg, "compress", exc)])
+            fresh = kept
+        self.ledger.record(StageCost(stage="compression", seconds=time.perf_counter() - t0, items=len(fresh)))
+        for (turn, msg), ct in zip(fresh, compressed, strict=True):
+            async with self._locks[msg.key]:
+                row = SensoryRow.load(self.sensory_table.get(msg.key), turn.user_id)
+                if msg.offset <= row.offset:
+                    self.stats.skipped_turns += 1
+                    continue
+                t1 = time.perf_counter()
+                try:
+                    segments, state = await self._cpu_call(sensory.segment, row.state, ct, self.stages.segmenter)
+                except Exception as exc:  # noqa: BLE001 - the turn becomes a dead letter, the stream goes on
+                    await self._dead([error_dead_letter(msg, "segment", exc)])
+                    row.offset = msg.offset
+                    self.sensory_table[msg.key] = row.dump()
+                    continue
+                self.ledger.record(StageCost(stage="segmentation", seconds=time.perf_counter() - t1, items=1))
+                await self._send_all([(self.segments_topic, msg.key, dumps(s)) for s in segments])
+                self.stats.turns += 1
+                self.stats.segments_out += len(segments)
+                row.state, row.offset, row.seen_at = state, msg.offset, time.time()
+                self.sensory_table[msg.key] = row.dump()
+
+    # -- STM ----------------------------------------------------------------------------------------
+    async def _stm_agent(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await self.handle_segment(event.message)
+
+    async def handle_segment(self, msg: Any) -> None:
+        try:
+            seg = TopicSegment.model_validate_json(msg.value if msg.value is not None else b"")
+        except ValidationError as exc:
+            await self._dead([message_dead_letter(msg, "stm", validation_reason(exc), validation_kind(exc))])
+            return
+        if msg.key != key_of(seg.user_id):
+            reason = f"record key {msg.key!r} is not the segment's user id {seg.user_id!r}"
+            await self._dead([message_dead_letter(msg, "stm", reason, "KeyMismatch")])
+            return
+        async with self._locks[msg.key]:
+            row = STMRow.load(self.stm_table.get(msg.key), seg.user_id)
+            if msg.offset <= row.offset or row.knows(seg.segment_id):
+                if msg.offset > row.offset:
+                    row.offset = msg.offset
+                    self.stm_table[msg.key] = row.dump()
+                return
+            self.stats.segments_in += 1
+            batch, row.state = stm.add(row.state, seg, datetime.now(UTC), self.settings.stm)
+            if batch:
+                await self._extract_and_emit(seg.user_id, batch)
+                row.recent = (row.recent + [s.segment_id for s in batch])[-RECENT_SEGMENTS:]
+            row.offset = msg.offset
+            self.stm_table[msg.key] = row.dump()
+
+    async def _extract_and_emit(self, user_id: str, batch: Sequence[TopicSegment]) -> None:
+        res = await self.stages.extractor.extract(user_id, batch, datetime.now(UTC))
+        self.ledger.record(res.cost)
+        if res.summary is not None:
+            await self._send_all([(self.summaries_topic, key_of(user_id), dumps(res.summary))])
+            self.stats.summaries += 1
+        if res.dead_letter is not None:
+            await self._dead([res.dead_letter])
+
+    # -- idle flush ---------------------------------------------------------------------------------
+    async def _idle_timer(self) -> None:
+        app = self.app
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return
+        try:
+            await self.flush_idle(time.time())
+        except Exception:
+            log.exception("idle flush failed; retrying on the next tick")
+
+    async def flush_idle(self, now_s: float) -> None:
+        """Flush the sensory, then the STM buffers of this worker's users idle past the timeout."""
+        for key in list(self.sensory_table.keys()):
+            if self._local(key):
+                await self._flush_sensory(key, now_s)
+        now = datetime.now(UTC)
+        for key in list(self.stm_table.keys()):
+            if self._local(key):
+                await self._flush_stm(key, now_s, now)
+
+    def _sensory_idle(self, row: SensoryRow, now_s: float) -> bool:
+        return now_s - row.seen_at >= self.idle_s
+
+    async def _flush_sensory(self, key: bytes, now_s: float) -> None:
+        user = key.decode()
+        row = self._sensory_row(key, user)
+        if not row.state.turns or not self._sensory_idle(row, now_s):
+            return
+        async with self._locks[key]:
+            row = self._sensory_row(key, user)  # re-read under the lock
+            if not row.state.turns or not self._sensory_idle(row, now_s):
+                return
+            segments, state = await self._cpu_call(sensory.flush, row.state, self.stages.segmenter)
+            await self._send_all([(self.segments_topic, key, dumps(s)) for s in segments])
+            self.stats.segments_out += len(segments)
+            self.stats.idle_flushes += 1
+            row.state = state
+            row.pending = [s.segment_id for s in segments]
+            self.sensory_table[key] = row.dump()
+            log.info("idle flush of %s: %d segment(s) from the sensory buffer", user, len(segments))
+
+    async def _flush_stm(self, key: bytes, now_s: float, now: datetime) -> None:
+        user = key.decode()
+        row = STMRow.load(self.stm_table.get(key), user)
+        if not stm.due(row.state, now, self.settings.stm):
+            return
+        async with self._locks[key]:
+            srow = self._sensory_row(key, user)
+            if srow.state.turns or not self._sensory_idle(srow, now_s):
+                return  # the user is still active upstream: more segments will come
+            row = STMRow.load(self.stm_table.get(key), user)
+            if srow.pending:
+                if not all(row.knows(s) for s in srow.pending):
+                    return  # segments flushed by the timer have not reached STM yet
+                srow.pending = []
+                self.sensory_table[key] = srow.dump()
+            if not stm.due(row.state, now, self.settings.stm):
+                return
+            batch, row.state = stm.flush(row.state)
+            if batch:
+                await self._extract_and_emit(user, batch)
+                row.recent = (row.recent + [s.segment_id for s in batch])[-RECENT_SEGMENTS:]
+                self.stats.idle_flushes += 1
+                log.info("idle flush of %s: STM batch of %d segment(s) extracted", user, len(batch))
+            self.stm_table[key] = row.dump()
+
+
+def create_shell(settings: Settings, stages: Stages | None = None, **kwargs: Any) -> Shell:
+    """Build the worker app around loaded stages (loading them from settings when not given)."""
+    return Shell(settings, stages or Stages(settings), **kwargs)

@@ -1,0 +1,259 @@
+"""The LTM sink: STM summaries → memory records → embedded and upserted into the store.
+
+One process owns the store (the embedded Qdrant folder, or a qdrant-client to a server when
+``settings.store.url`` is set). It consumes the summaries and memory-changes topics with its own
+consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``max_records`` records or
+``timeout_ms`` milliseconds, and for each batch:
+
+1. validates every record (a bad one → a dead letter with stage ``sink``, the reason, its topic,
+   partition and offset, and the original bytes);
+2. turns summaries into memories with ``summary_to_memories`` and writes them with ``write_memories``
+   (in a worker thread: embedding is CPU work) — memory ids are deterministic, so a redelivered
+   summary overwrites itself;
+3. hands valid memory changes to the ``apply_changes`` hook (the sleep-time engineer's; the default
+   logs that they are not applied yet, and never drops them silently);
+4. sends the dead letters and waits for their acknowledgement;
+5. commits the batch's offsets — only now, after the write.
+
+A failed write is retried with backoff from the batch's first offsets (nothing is committed), which
+is the sink's backpressure: it stops consuming until the store takes writes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from pydantic import ValidationError
+
+from schemas.records import DeadLetter, MemoryChange, MemoryRecord, STMSummary
+from streams.cost import CostLedger
+from streams.ltm import MemoryStore
+from streams.memories import summary_to_memories, write_memories
+from streams.settings import Settings
+
+from .produce import make_producer
+from .topics import dumps, ensure_topics, key_of, message_dead_letter, sink_group_id, validation_kind, validation_reason
+
+log = logging.getLogger(__name__)
+
+ChangeHook = Callable[[Sequence[MemoryChange], MemoryStore], None]
+
+
+def log_unapplied_changes(changes: Sequence[MemoryChange], store: MemoryStore) -> None:
+    """Default hook until the sleep-time update lands: say loudly that changes were received, not applied."""
+    for c in changes:
+        log.warning(
+            "memory change %s (%s of memory %s, user %s) received but not applied: no apply hook installed",
+            c.change_id,
+            c.action,
+            c.memory_id,
+            c.user_id,
+        )
+
+
+@dataclass
+class SinkStats:
+    batches: int = 0
+    records: int = 0
+    summaries: int = 0
+    memories: int = 0
+    changes: int = 0
+    dead_letters: int = 0
+    retries: int = 0
+    last_record_at: float = 0.0
+
+
+class LTMSink:
+    """Consumes summaries (and memory changes) and writes long-term memory; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: MemoryStore,
+        embed: Callable[[Sequence[str]], np.ndarray],
+        *,
+        apply_changes: ChangeHook | None = None,
+        max_records: int = 256,
+        timeout_ms: int = 500,
+        group_id: str | None = None,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.kafka = settings.kafka
+        self.store = store
+        self.embed = embed
+        self.apply_changes = apply_changes or log_unapplied_changes
+        self.max_records = max_records
+        self.timeout_ms = timeout_ms
+        self.group_id = group_id or sink_group_id(settings.kafka)
+        self.max_backoff_s = max_backoff_s
+        self.stats = SinkStats()
+        self.ledger = CostLedger()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltm-sink")
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.kafka.topics.summaries, self.kafka.topics.memory_changes]
+
+    async def start(self) -> None:
+        await ensure_topics(self.kafka)
+        self._producer = make_producer(self.kafka, client_id=f"{self.group_id}-dlq")
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await self._consumer.start()
+        log.info("LTM sink started: group %s, topics %s", self.group_id, ", ".join(self.topics))
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        self._pool.shutdown(wait=True)
+
+    async def run(self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None) -> SinkStats:
+        """Consume until ``stop`` is set (or, with ``idle_exit_s``, after that long without records)."""
+        assert self._consumer is not None, "start() first"
+        stop = stop or asyncio.Event()
+        idle_since = time.monotonic()
+        while not stop.is_set():
+            batch = await self._consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
+            if not batch:
+                if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
+                    log.info("LTM sink idle for %.1f s: exiting", idle_exit_s)
+                    break
+                continue
+            await self._process_with_retry(batch, stop)
+            idle_since = time.monotonic()
+        return self.stats
+
+    async def _process_with_retry(self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        delay = 0.5
+        while True:
+            try:
+                await self.process(batch)
+                return
+            except Exception:
+                self.stats.retries += 1
+                log.exception("LTM sink: writing a batch failed; retrying in %.1f s (offsets not committed)", delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                if stop.is_set():
+                    return
+                # retry the batch held in memory; if this process dies first, the uncommitted
+                # offsets make Kafka redeliver it to the next sink
+                delay = min(delay * 2, self.max_backoff_s)
+
+    async def process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Validate, write, dead-letter, then commit one batch."""
+        assert self._consumer is not None and self._producer is not None
+        summaries: list[STMSummary] = []
+        changes: list[MemoryChange] = []
+        dead: list[DeadLetter] = []
+        t = self.kafka.topics
+        for recs in batch.values():
+            for rec in recs:
+                self.stats.records += 1
+                if rec.value is None:
+                    reason = "tombstone (null value) on a record topic"
+                    dead.append(message_dead_letter(rec, "sink", reason, "NullValue"))
+                    continue
+                try:
+                    if rec.topic == t.summaries:
+                        summaries.append(STMSummary.model_validate_json(rec.value))
+                    elif rec.topic == t.memory_changes:
+                        changes.append(MemoryChange.model_validate_json(rec.value))
+                    else:
+                        dead.append(message_dead_letter(rec, "sink", f"unexpected topic {rec.topic}", "UnknownTopic"))
+                except ValidationError as exc:
+                    dead.append(message_dead_letter(rec, "sink", validation_reason(exc), validation_kind(exc)))
+
+        now = datetime.now(UTC)
+        by_id: dict[str, MemoryRecord] = {}
+        for s in summaries:
+            for m in summary_to_memories(s, self.settings.pipeline_version, now):
+                by_id[m.memory_id] = m  # a redelivered summary in the same batch: last wins, same id
+        records = list(by_id.values())
+        loop = asyncio.get_running_loop()
+        if records:
+            emb, ups = await loop.run_in_executor(self._pool, write_memories, records, self.embed, self.store.upsert)
+            self.ledger.record(emb)
+            self.ledger.record(ups)
+        if changes:
+            await loop.run_in_executor(self._pool, self.apply_changes, changes, self.store)
+        if dead:
+            futures = [await self._producer.send(t.dead_letters, value=dumps(d), key=key_of(d.key)) for d in dead]
+            await asyncio.gather(*futures)
+            for d in dead:
+                log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+        await self._consumer.commit(offsets)
+        self.stats.batches += 1
+        self.stats.summaries += len(summaries)
+        self.stats.memories += len(records)
+        self.stats.changes += len(changes)
+        self.stats.dead_letters += len(dead)
+        self.stats.last_record_at = time.time()
+        log.info(
+            "LTM sink: batch of %d records → %d summaries, %d memories, %d changes, %d dead letters; committed %s",
+            sum(len(r) for r in batch.values()),
+            len(summaries),
+            len(records),
+            len(changes),
+            len(dead),
+            ", ".join(f"{tp.topic}[{tp.partition}]={o}" for tp, o in sorted(offsets.items())),
+        )
+
+
+async def run_sink(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    idle_exit_s: float | None = None,
+    max_records: int = 256,
+    timeout_ms: int = 500,
+    apply_changes: ChangeHook | None = None,
+) -> SinkStats:
+    """Open the encoder and the store (this process owns it), run the sink, close everything."""
+    from streams.encoder import load_encoder
+    from streams.ltm import open_store
+    from streams.memories import EmbeddingCache
+
+    encoder = load_encoder(settings.embedding)
+    store = open_store(settings.store, encoder.dim)
+    sink = LTMSink(
+        settings,
+        store,
+        EmbeddingCache(encoder.embed, encoder.dim),
+        apply_changes=apply_changes,
+        max_records=max_records,
+        timeout_ms=timeout_ms,
+    )
+    try:
+        await sink.start()
+        return await sink.run(stop, idle_exit_s=idle_exit_s)
+    finally:
+        await sink.stop()
+        store.close()

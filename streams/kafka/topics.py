@@ -1,0 +1,293 @@
+"""Topics of the pipeline: names and partitions from ``settings.kafka``, configs, idempotent creation.
+
+Every topic is keyed by the user id (UTF-8 bytes), so one user's records stay ordered in one partition
+and the worker that owns a user's raw-turn partition also owns its segment partition and both of its
+table changelog partitions (same partition count → Faust co-partitions them).
+
+| role                | record            | cleanup | retention                                   |
+|---------------------|-------------------|---------|---------------------------------------------|
+| raw_turns           | RawTurn           | delete  | forever (-1 ms, -1 bytes): the log of record |
+| segments            | TopicSegment      | delete  | 7 days (derived, rebuilt by replay)          |
+| summaries           | STMSummary        | delete  | 30 days (derived)                           |
+| memory_changes      | MemoryChange      | delete  | forever: also the audit log                 |
+| compaction_requests | CompactionRequest | delete  | 7 days                                      |
+| dead_letters        | DeadLetter        | delete  | forever: nothing silent                     |
+| control             | ControlRecord     | compact | latest command per user kept                |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.partitioner import murmur2
+from pydantic import ValidationError
+
+from schemas.records import (
+    CompactionRequest,
+    ControlRecord,
+    DeadLetter,
+    MemoryChange,
+    RawTurn,
+    Record,
+    STMSummary,
+    TopicSegment,
+)
+from streams.dlq import dead_letter
+from streams.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+FOREVER = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    role: str
+    name: str
+    partitions: int
+    replication: int
+    record: type[Record]
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
+    """The pipeline's topics with their configs (see the module table)."""
+    t = kafka.topics
+    p, r = kafka.partitions, kafka.replication_factor
+
+    def spec(role: str, name: str, record: type[Record], config: dict[str, str]) -> TopicSpec:
+        return TopicSpec(role, name, p, r, record, dict(config))
+
+    return [
+        spec("raw_turns", t.raw_turns, RawTurn, FOREVER),
+        spec("segments", t.segments, TopicSegment, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),
+        spec("summaries", t.summaries, STMSummary, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
+        spec("memory_changes", t.memory_changes, MemoryChange, FOREVER),
+        spec(
+            "compaction_requests",
+            t.compaction_requests,
+            CompactionRequest,
+            {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+        ),
+        spec("dead_letters", t.dead_letters, DeadLetter, FOREVER),
+        spec("control", t.control, ControlRecord, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
+    ]
+
+
+# -- keys and values ---------------------------------------------------------------------------------
+
+
+def key_of(user_id: str | None) -> bytes | None:
+    return None if user_id is None else user_id.encode("utf-8")
+
+
+def dumps(record: Record) -> bytes:
+    return record.model_dump_json().encode("utf-8")
+
+
+def validation_reason(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+
+
+def validation_kind(exc: ValidationError) -> str:
+    return "InvalidJSON" if any(e["type"] == "json_invalid" for e in exc.errors()) else "SchemaViolation"
+
+
+def message_dead_letter(msg: Any, stage: str, reason: str, error_type: str) -> DeadLetter:
+    """A dead letter for a consumed record (Faust message or aiokafka record): original bytes and origin."""
+    key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None
+    value = msg.value if isinstance(msg.value, bytes | str) else b""
+    return dead_letter(stage, f"{reason} ({msg.topic}[{msg.partition}]@{msg.offset})", error_type, value, key)
+
+
+def error_dead_letter(msg: Any, stage: str, exc: BaseException) -> DeadLetter:
+    return message_dead_letter(msg, stage, str(exc) or type(exc).__name__, type(exc).__name__)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as aiokafka and the Java client) picks for a key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+# -- admin ------------------------------------------------------------------------------------------
+
+
+def admin_client(kafka: KafkaSettings, *, request_timeout_ms: int = 30000) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.app_id}-admin",
+        request_timeout_ms=request_timeout_ms,
+    )
+
+
+class BrokerUnavailable(RuntimeError):
+    """No Kafka broker answered at the configured bootstrap servers."""
+
+
+async def broker_available(bootstrap_servers: str, timeout_s: float = 5.0) -> bool:
+    """True when a broker answers a metadata request within ``timeout_s``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.describe_cluster(), timeout_s)
+        return True
+    except (TimeoutError, KafkaError, OSError):
+        return False
+    finally:
+        try:
+            await admin.close()
+        except Exception:  # noqa: BLE001 - closing a client that never connected
+            pass
+
+
+async def ensure_topics(
+    kafka: KafkaSettings, specs: Sequence[TopicSpec] | None = None, *, timeout_s: float = 30.0
+) -> dict[str, str]:
+    """Create the missing topics with their configs; returns ``{name: "created" | "exists"}``.
+
+    Idempotent: existing topics are left alone (a warning when their partition count differs from the
+    settings; an error when raw turns and segments differ, since the worker needs them co-partitioned).
+    """
+    specs = list(specs if specs is not None else topic_specs(kafka))
+    admin = admin_client(kafka, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (TimeoutError, KafkaConnectionError, OSError) as exc:
+        raise BrokerUnavailable(f"no Kafka broker answers at {kafka.bootstrap_servers}: {exc!r}") from exc
+    result: dict[str, str] = {}
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        for s in specs:
+            if s.name in existing:
+                result[s.name] = "exists"
+        if missing:
+            resp = await admin.create_topics(
+                [NewTopic(s.name, s.partitions, s.replication, topic_configs=s.config) for s in missing],
+                timeout_ms=int(timeout_s * 1000),
+            )
+            for item in resp.topic_errors:
+                name, code = item[0], item[1]
+                reason = item[2] if len(item) > 2 else ""
+                if code == 0:
+                    result[name] = "created"
+                    log.info("created topic %s", name)
+                elif code == TopicAlreadyExistsError.errno:
+                    result[name] = "exists"
+                else:
+                    raise for_code(code)(f"cannot create topic {name}: {reason}")
+        await _check_partitions(admin, kafka, specs)
+    finally:
+        await admin.close()
+    return result
+
+
+async def _check_partitions(admin: AIOKafkaAdminClient, kafka: KafkaSettings, specs: Sequence[TopicSpec]) -> None:
+    described = await admin.describe_topics([s.name for s in specs])
+    counts = {t["topic"]: len(t["partitions"]) for t in described if not t.get("error_code")}
+    for s in specs:
+        n = counts.get(s.name)
+        if n is not None and n != s.partitions:
+            log.warning("topic %s has %d partitions, settings say %d", s.name, n, s.partitions)
+    raw, seg = counts.get(kafka.topics.raw_turns), counts.get(kafka.topics.segments)
+    if raw is not None and seg is not None and raw != seg:
+        raise RuntimeError(
+            f"{kafka.topics.raw_turns} has {raw} partitions but {kafka.topics.segments} has {seg}: the worker "
+            "needs them co-partitioned (same count)"
+        )
+
+
+async def topic_partition_counts(kafka: KafkaSettings, names: Sequence[str]) -> dict[str, int]:
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(names))
+        return {t["topic"]: len(t["partitions"]) for t in described if not t.get("error_code")}
+    finally:
+        await admin.close()
+
+
+async def delete_topics(kafka: KafkaSettings, names: Sequence[str]) -> None:
+    """Delete topics that exist (tests and tooling)."""
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        todo = [n for n in names if n in existing]
+        if todo:
+            await admin.delete_topics(todo)
+    finally:
+        await admin.close()
+
+
+# -- consumer groups and lag ------------------------------------------------------------------------
+
+
+def sink_group_id(kafka: KafkaSettings) -> str:
+    """Consumer group of the LTM sink (derived from the app id, so one setting isolates a deployment)."""
+    return f"{kafka.app_id}-ltm-sink"
+
+
+async def end_offsets(kafka: KafkaSettings, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+    """Log-end offset of every partition of the topics (those that exist)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            parts = consumer.partitions_for_topic(topic)
+            if parts is None:
+                await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata for a topic not subscribed
+                parts = consumer.partitions_for_topic(topic)
+            tps.extend(TopicPartition(topic, p) for p in sorted(parts or ()))
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(tps)
+        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(kafka: KafkaSettings, group_id: str) -> dict[tuple[str, int], int]:
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(group_id)
+        return {(tp.topic, tp.partition): om.offset for tp, om in got.items() if om.offset >= 0}
+    finally:
+        await admin.close()
+
+
+async def consumer_lag(kafka: KafkaSettings, group_id: str, topics: Sequence[str]) -> dict[str, int]:
+    """Per topic: records not yet committed by the group (end offset − committed offset, summed)."""
+    ends = await end_offsets(kafka, topics)
+    done = await committed_offsets(kafka, group_id)
+    lag: dict[str, int] = {t: 0 for t in topics}
+    for (topic, part), end in ends.items():
+        lag[topic] += max(0, end - done.get((topic, part), 0))
+    return lag
+
+
+async def group_members(kafka: KafkaSettings, group_id: str) -> int:
+    """Members of a consumer group (0 when it has none or does not exist)."""
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        resp = await admin.describe_consumer_groups([group_id])
+        total = 0
+        for r in resp:
+            for g in r.to_object()["groups"]:
+                if g["group_state"] == "Stable":
+                    total += len(g["members"])
+        return total
+    finally:
+        await admin.close()
