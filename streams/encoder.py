@@ -47,6 +47,7 @@ class Encoder:
         self.tokenizer = self._st.tokenizer
         self.max_seq_length = int(self._st.max_seq_length or 256)
         self._lock = threading.Lock()
+        self._shallow: dict[int, object] = {}
 
     # -- dense embeddings -------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -86,16 +87,30 @@ class Encoder:
     def num_layers(self) -> int:
         return int(self._st[0].auto_model.config.num_hidden_layers)
 
+    def _attention_model(self, depth: int):  # noqa: ANN202 - a transformers PreTrainedModel
+        """The encoder's first ``depth`` layers as their own model, with eager attention (which returns
+        attention weights, unlike the fused kernels). Loaded once per depth from the same directory."""
+        if depth not in self._shallow:
+            from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()  # the unused upper layers are reported as unexpected keys
+            transformer_dir = self.path / self._st[0].__dict__.get("model_name_or_path", "")
+            src = transformer_dir if (transformer_dir / "config.json").exists() else self.path
+            self._shallow[depth] = AutoModel.from_pretrained(
+                str(src), num_hidden_layers=depth, attn_implementation="eager", local_files_only=True
+            ).eval()
+        return self._shallow[depth]
+
     def token_attention(self, texts: Sequence[str], layers: Sequence[int] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Run the encoder once over the concatenated texts.
 
-        Returns the token×token attention averaged over ``layers`` (default: the last half)
-        and heads, and each text's (start, end) span in that sequence. The sequence is cut
+        Returns the token×token attention averaged over ``layers`` (default: the layer at a third of
+        the depth — MiniLM-L6: layer 2 — as LightMem reads LLMLingua-2's middle layers) and heads, and each text's (start, end) span in that sequence. The sequence is cut
         at the model's position limit; texts beyond it get empty spans.
         """
         import torch
 
-        model = self._st[0].auto_model
         tok = self.tokenizer
         limit = self.max_positions - 2
         ids: list[int] = [tok.cls_token_id]
@@ -106,16 +121,14 @@ class Encoder:
             ids.extend(piece)
         ids.append(tok.sep_token_id)
         n_layers = self.num_layers
-        chosen = list(layers) if layers else list(range(n_layers // 2, n_layers))
-        chosen = [layer for layer in chosen if 0 <= layer < n_layers] or [n_layers - 1]
+        default = [max(0, n_layers // 3)]  # mid-depth, like LightMem's layers 8-11 of LLMLingua-2's 24
+        chosen = sorted({layer for layer in (layers or default) if 0 <= layer < n_layers})
+        chosen = chosen or [0]
+        depth = chosen[-1] + 1  # layers above the deepest chosen one are never run
         with self._lock, torch.inference_mode():
-            inp = torch.tensor([ids], dtype=torch.long, device=model.device)
-            previous = model.config._attn_implementation
-            model.set_attn_implementation("eager")  # fused kernels do not return attention weights
-            try:
-                out = model(input_ids=inp, attention_mask=torch.ones_like(inp), output_attentions=True)
-            finally:
-                model.set_attn_implementation(previous)
+            shallow = self._attention_model(depth)
+            inp = torch.tensor([ids], dtype=torch.long, device=shallow.device)
+            out = shallow(input_ids=inp, attention_mask=torch.ones_like(inp), output_attentions=True)
             att = torch.stack([out.attentions[i] for i in chosen]).mean(dim=(0, 2))[0]
         return att.float().cpu().numpy(), spans
 

@@ -13,7 +13,8 @@ A similarity drop is kept when it lies within ±``window_turns`` of an attention
 few turns for an attention maximum (fewer than four), similarity drops alone decide. Units are
 single turns, so any sequence of roles works (not only strict user/assistant alternation).
 Segments before the last boundary are emitted; the tail stays buffered to continue its topic
-unless it would still overflow, then it is emitted too.
+while it fills at most half the buffer, otherwise it is emitted too (bounding how often a turn is
+re-read by the attention pass).
 
 Pure functions over ``SensoryBufferState``; the model work sits behind ``Segmenter``.
 """
@@ -149,9 +150,11 @@ def segment(
     out: list[TopicSegment] = []
     if state.turns and state.encoder_tokens + turn.encoder_tokens > limit:
         out, state = cut(state, segmenter, force=False)
-        if state.turns and state.encoder_tokens + turn.encoder_tokens > limit:
-            tail, state = cut(state, segmenter, force=True)
-            out.extend(tail)
+        # The kept tail has no boundary inside (it was just analysed). Keep it to continue its topic only
+        # while it is small; otherwise emit it, so no turn is re-read by more than two attention passes.
+        if state.turns and (state.encoder_tokens > limit // 2 or state.encoder_tokens + turn.encoder_tokens > limit):
+            out.append(make_segment(state.user_id, state.turns, "flush"))
+            state = _state(state.user_id, [])
     if not state.turns and turn.encoder_tokens > limit:
         out.append(make_segment(state.user_id, [turn], "oversize"))
         return out, state

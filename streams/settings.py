@@ -28,7 +28,7 @@ class CompressionSettings(BaseModel):
 class SegmentationSettings(BaseModel):
     buffer_tokens: int = Field(default=512, ge=16, description="sensory buffer size in encoder tokens")
     attention_layers: list[int] | None = Field(
-        default=None, description="encoder layers averaged for attention boundaries (default: the last half)"
+        default=None, description="encoder layers averaged for attention boundaries (default: the one at a third of the depth)"
     )
     sim_threshold_start: float = 0.2
     sim_threshold_step: float = 0.05
