@@ -131,6 +131,12 @@ class MemoryChange(Record):
     reason: str = ""
     caused_by: list[str] = Field(default_factory=list, description="memory ids that triggered the change")
     reverts: str | None = Field(default=None, description="change_id undone by a 'revert'")
+    old_record: MemoryRecord | None = Field(
+        default=None, description="the memory before the change (kept for deletes, so history and revert work)"
+    )
+    new_record: MemoryRecord | None = Field(
+        default=None, description="the memory after an update or revert (applied as is, re-embedded); None = absent"
+    )
     model: NonEmpty = Field(description="'llm:<model>' or 'offline-rule'")
     pipeline_version: NonEmpty
     at: AwareDatetime

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PIPELINE_VERSION = "lightmem-streams/0.1"
@@ -74,6 +75,33 @@ class StoreSettings(BaseModel):
     prefetch: int = Field(default=50, ge=1, description="candidates per branch before fusion")
 
 
+class SleepSettings(BaseModel):
+    """Sleep-time update (offline consolidation of long-term memory), see ``streams.sleep``."""
+
+    k: int = Field(default=10, ge=1, description="nearest earlier memories compared with each new memory")
+    similarity_threshold: float = Field(
+        default=0.8, ge=-1, le=1, description="cosine similarity an earlier memory needs to be a candidate"
+    )
+    duplicate_threshold: float = Field(
+        default=0.95, ge=-1, le=1, description="offline rule: at or above this cosine the older memory is a duplicate"
+    )
+    max_candidates_per_call: int = Field(default=10, ge=1, description="older memories shown in one LLM call")
+    kinds: list[Literal["fact", "summary"]] = Field(
+        default=["fact"], description="memory kinds compacted (each compared only with its own kind)"
+    )
+    cron_time: str = Field(default="03:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="nightly run, HH:MM")
+    timezone: str = Field(default="UTC", description="IANA timezone of cron_time")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r} (use an IANA name such as 'Europe/Berlin')") from exc
+        return value
+
+
 class KafkaTopics(BaseModel):
     raw_turns: str = "lightmem.turns.raw"
     segments: str = "lightmem.segments"
@@ -102,6 +130,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
     store: StoreSettings = StoreSettings()
+    sleep: SleepSettings = SleepSettings()
     kafka: KafkaSettings = KafkaSettings()
 
     @property
