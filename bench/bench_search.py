@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=2000, help="distinct sentences embedded for the corpus")
     ap.add_argument("--batch", type=int, default=1000, help="records per upsert call")
     ap.add_argument("--local-n", type=int, default=10000, help="qdrant-client local mode size (0 = skip)")
-    ap.add_argument("--local-queries", type=int, default=50)
+    ap.add_argument("--local-queries", type=int, default=20)
     ap.add_argument(
         "--torch-threads",
         type=int,

@@ -98,6 +98,9 @@ def test_round_trip_and_idempotent_upsert(store: MemoryStore) -> None:
     assert store.get_all("alice", limit=2) == records[:2]
     wanted = [records[3].memory_id, "00000000-0000-0000-0000-000000000000", records[1].memory_id]
     assert store.get("alice", wanted) == [records[3], records[1]]
+    assert store.get("alice", ["not-a-uuid", records[2].memory_id.upper()]) == [records[2]]
+    with pytest.raises(ValueError, match="uuid"):
+        store.upsert([records[0].model_copy(update={"memory_id": "m-1"})], vecs[:1])
     got = store.get_vectors("alice", [records[0].memory_id])
     np.testing.assert_allclose(got[records[0].memory_id], vecs[0], atol=1e-6)
     updated = records[0].model_copy(update={"text": "Bought a red bicycle", "version": 2})

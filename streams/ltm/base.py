@@ -8,6 +8,7 @@ qdrant-client return the same results by construction.
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,19 @@ def require_user(user_id: str | None, op: str) -> str:
     return user_id
 
 
+def _canonical_uuid(value: str) -> str | None:
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def point_ids(memory_ids: Sequence[str]) -> tuple[str, ...]:
+    """The ids that can name a point (canonical uuids), de-duplicated in order; others cannot be stored."""
+    canonical = (_canonical_uuid(m) for m in memory_ids)
+    return tuple(dict.fromkeys(c for c in canonical if c is not None))
+
+
 def to_payload(record: MemoryRecord) -> dict[str, Any]:
     payload = record.model_dump(mode="json")
     stamps = [t.timestamp() for t in record.event_timestamps]
@@ -167,6 +181,8 @@ class BaseStore(ABC):
             raise ValueError(f"vectors must have shape ({len(records)}, {self.dim}), got {vecs.shape}")
         for rec in records:
             require_user(rec.user_id, "upsert")
+            if _canonical_uuid(rec.memory_id) != rec.memory_id:
+                raise ValueError(f"memory_id must be a canonical uuid string (the point id), got {rec.memory_id!r}")
         latest: dict[str, int] = {}
         for i, rec in enumerate(records):
             latest[rec.memory_id] = i  # one point per id; the last occurrence in a batch wins
@@ -180,8 +196,9 @@ class BaseStore(ABC):
 
     def delete(self, user_id: str, memory_ids: Sequence[str]) -> None:
         user = require_user(user_id, "delete")
-        if memory_ids:
-            self._delete(Scope(user, ids=tuple(memory_ids)))
+        ids = point_ids(memory_ids)
+        if ids:
+            self._delete(Scope(user, ids=ids))
 
     def delete_user(self, user_id: str) -> int:
         user = require_user(user_id, "delete_user")
@@ -198,10 +215,11 @@ class BaseStore(ABC):
 
     def get(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryRecord]:
         user = require_user(user_id, "get")
-        if not memory_ids:
+        ids = point_ids(memory_ids)
+        if not ids:
             return []
-        found = {pid: from_payload(p) for pid, p, _ in self._fetch(Scope(user, ids=tuple(memory_ids)), False)}
-        return [found[m] for m in dict.fromkeys(memory_ids) if m in found]
+        found = {pid: from_payload(p) for pid, p, _ in self._fetch(Scope(user, ids=ids), False)}
+        return [found[m] for m in ids if m in found]
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         user = require_user(user_id, "get_all")
@@ -212,9 +230,10 @@ class BaseStore(ABC):
 
     def get_vectors(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]:
         user = require_user(user_id, "get_vectors")
-        if not memory_ids:
+        ids = point_ids(memory_ids)
+        if not ids:
             return {}
-        rows = self._fetch(Scope(user, ids=tuple(memory_ids)), True)
+        rows = self._fetch(Scope(user, ids=ids), True)
         return {pid: np.asarray(v, dtype=np.float32) for pid, _, v in rows if v is not None}
 
     def search(
@@ -229,6 +248,14 @@ class BaseStore(ABC):
         time_to: datetime | None = None,
         kinds: Sequence[str] | None = None,
     ) -> list[ScoredMemory]:
+        """Top ``limit`` memories of one user, best first.
+
+        ``dense`` ranks by cosine to ``query_vector``; ``sparse`` by BM25 over ``query_text`` (IDF over the user's
+        own memories); ``hybrid`` fuses both (``settings.prefetch`` candidates each) by reciprocal rank fusion and
+        scores are RRF scores. Hybrid without a query vector, or with a text of no searchable terms, degrades to the
+        one branch it has. Equal scores are ordered by memory id. Time bounds keep memories whose events overlap
+        [time_from, time_to]; ``kinds`` keeps those kinds.
+        """
         user = require_user(user_id, "search")
         mode = mode or self.settings.search_mode
         if limit <= 0:
