@@ -105,8 +105,7 @@ class Encoder:
     def token_attention(self, texts: Sequence[str], layers: Sequence[int] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Run the encoder once over the concatenated texts.
 
-        Returns the token×token attention averaged over ``layers`` (default: the layer at a third of
-        the depth — MiniLM-L6: layer 2 — as LightMem reads LLMLingua-2's middle layers) and heads, and each text's (start, end) span in that sequence. The sequence is cut
+        Returns the token×token attention averaged over ``layers`` (default: the first layer) and heads, and each text's (start, end) span in that sequence. The sequence is cut
         at the model's position limit; texts beyond it get empty spans.
         """
         import torch
@@ -121,7 +120,7 @@ class Encoder:
             ids.extend(piece)
         ids.append(tok.sep_token_id)
         n_layers = self.num_layers
-        default = [max(0, n_layers // 3)]  # mid-depth, like LightMem's layers 8-11 of LLMLingua-2's 24
+        default = [0]  # one layer: the cheapest pass; see SegmentationSettings.attention_layers
         chosen = sorted({layer for layer in (layers or default) if 0 <= layer < n_layers})
         chosen = chosen or [0]
         depth = chosen[-1] + 1  # layers above the deepest chosen one are never run

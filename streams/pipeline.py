@@ -92,6 +92,7 @@ class EmbeddedPipeline:
         batches: list[list[TopicSegment]] = []
         now = datetime.now(UTC)
         with self.ledger.timed("segmentation", len(turns)):
+            self.stages.embed([sensory.turn_label(t) for t in compressed])  # one batched pass, then cache hits
             for turn in compressed:
                 buf = self.sensory.get(turn.user_id) or SensoryBufferState(user_id=turn.user_id)
                 segments, self.sensory[turn.user_id] = sensory.segment(buf, turn, self.stages.segmenter)
