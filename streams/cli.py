@@ -246,6 +246,7 @@ def schemas(write: Annotated[bool, typer.Option(help="rewrite the JSON Schema fi
 
 
 from streams import cli_kafka  # noqa: E402,F401
+from streams import cli_sleep  # noqa: E402,F401
 from streams import cli_eval  # noqa: E402,F401
 
 

@@ -1,0 +1,586 @@
+"""Sleep-time update: incremental candidates, decisions through the OpenAI-compatible test server, change
+records, re-embedding, history/revert, erasure, crash-and-resume, the offline rule.
+
+Fast layer: prompt/response parsing, change building and applying over a small fake store-free setup.
+Slow layer (``slow``): the real MiniLM encoder and the embedded Qdrant engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from schemas.records import MemoryChange, MemoryRecord
+from streams import ids
+from streams.settings import Settings, SleepSettings, StoreSettings
+from streams.sleep import ChangeLog, Compactor, RevertError, Watermarks, apply_changes, build_revert
+from streams.sleep.compact import build_changes, select_targets
+from streams.sleep.decide import Candidate, Decider, Decision, InvalidDecision, offline_decisions, parse_decisions
+from streams.sleep.prompts import (
+    COMPACTION_PROMPT_VERSION,
+    build_compaction_prompt,
+    is_compaction_prompt,
+    parse_compaction_prompt,
+)
+from tests.fixtures_llm import llm_settings
+from tests.llm_server import LLMServer
+
+T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def mem(user: str, text: str, n: int, day: float, kind: str = "fact", session: str = "s1") -> MemoryRecord:
+    """A memory from turn ``n`` of ``session``, created (and said) ``day`` days after T0."""
+    turn = ids.turn_id(user, session, n)
+    ts = T0 + timedelta(days=day)
+    return MemoryRecord(
+        memory_id=ids.memory_id(user, [turn], 0, kind),
+        user_id=user,
+        session_ids=[session],
+        text=text,
+        kind=kind,  # type: ignore[arg-type]
+        source_turn_ids=[turn],
+        event_timestamps=[ts],
+        topic_id="topic",
+        summary_id="summary",
+        pipeline_version="test",
+        created_at=ts,
+        updated_at=ts,
+    )
+
+
+# -- the compaction responder of the test LLM server --------------------------------------------------------
+
+Policy = Callable[[tuple[int, str, str], list[tuple[int, str, str]]], list[dict[str, Any]]]
+
+
+class CompactionLLM:
+    """One responder registered once on the session's server; each test sets ``policy``."""
+
+    def __init__(self, server: LLMServer) -> None:
+        self.server = server
+        self.policy: Policy = lambda new, older: [{"id": a, "action": "ignore"} for a, _, _ in older]
+        server.register(self._answer)
+
+    def _answer(self, messages: list[dict[str, Any]]) -> str | None:
+        if not is_compaction_prompt(messages):
+            return None
+        new, older = parse_compaction_prompt(messages)
+        return json.dumps({"decisions": self.policy(new, older)})
+
+    def prompts(self) -> list[tuple[tuple[int, str, str], list[tuple[int, str, str]]]]:
+        return [
+            parse_compaction_prompt(r["messages"]) for r in self.server.requests if is_compaction_prompt(r["messages"])
+        ]
+
+
+@pytest.fixture
+def compaction_llm(llm: LLMServer) -> Iterator[CompactionLLM]:
+    responder = getattr(llm, "_sleep_responder", None)
+    if responder is None:
+        responder = CompactionLLM(llm)
+        llm._sleep_responder = responder  # type: ignore[attr-defined]
+    responder.policy = lambda new, older: [{"id": a, "action": "ignore"} for a, _, _ in older]
+    yield responder
+
+
+def settings_for(tmp_path: Path, server: LLMServer | None = None, **sleep: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "state",
+        "store": StoreSettings(path=tmp_path / "qdrant"),
+        "sleep": SleepSettings(**sleep),
+    }
+    if server is not None:
+        values["llm"] = llm_settings(server)
+    return Settings(**values)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# == fast layer: prompts, parsing, change records, apply/revert over an in-memory store ======================
+
+
+def test_prompt_shows_integer_aliases_and_parses_back() -> None:
+    new = mem("u", "Alice moved to Berlin.", 2, 5)
+    older = [mem("u", "Alice lives in\nParis.", 1, 1), mem("u", "Alice likes Paris.", 0, 0)]
+    messages, alias_map = build_compaction_prompt(new, older)
+    text = messages[-1]["content"]
+    assert new.memory_id not in text and all(o.memory_id not in text for o in older)
+    assert is_compaction_prompt(messages)
+    (na, nt, ntext), parsed = parse_compaction_prompt(messages)
+    assert (na, ntext) == (0, "Alice moved to Berlin.") and nt == "2024-03-06 09:00"
+    assert [(a, t) for a, _, t in parsed] == [(1, "Alice lives in Paris."), (2, "Alice likes Paris.")]
+    assert alias_map == {1: older[0], 2: older[1]}
+    assert COMPACTION_PROMPT_VERSION == "compact/v1"
+
+
+def test_parse_decisions_validates_ids_and_update_text() -> None:
+    a, b = mem("u", "one", 0, 0), mem("u", "two", 1, 1)
+    alias = {1: a, 2: b}
+    out = parse_decisions('```json\n{"decisions": [{"id": 2, "action": "delete", "reason": "dup"}]}\n```', alias)
+    assert out == [
+        Decision(a.memory_id, "ignore", None, "not decided by the LLM"),
+        Decision(b.memory_id, "delete", None, "dup"),
+    ]
+    for bad, kind in [
+        ('{"decisions": [{"id": 7, "action": "delete"}]}', "InvalidAlias"),
+        ('{"decisions": [{"id": 1, "action": "delete"}, {"id": 1, "action": "ignore"}]}', "InvalidAlias"),
+        ('{"decisions": [{"id": 1, "action": "update"}]}', "SchemaViolation"),
+        ('{"decisions": [{"id": 1, "action": "merge"}]}', "SchemaViolation"),
+        ("not json", "InvalidJSON"),
+        ("", "EmptyResponse"),
+    ]:
+        with pytest.raises(InvalidDecision) as exc:
+            parse_decisions(bad, alias)
+        assert exc.value.error_type == kind
+
+
+def test_offline_rule() -> None:
+    new = mem("u", "Alice has a cat named Miso!", 3, 3)
+    same = mem("u", "alice has a  cat named miso", 0, 0)
+    near = mem("u", "Alice has a cat called Miso", 1, 1)
+    other = mem("u", "Alice has a dog", 2, 2)
+    cands = [Candidate(same, 0.90), Candidate(near, 0.96), Candidate(other, 0.85)]
+    got = {d.memory_id: d.action for d in offline_decisions(new, cands, 0.95)}
+    assert got == {same.memory_id: "delete", near.memory_id: "delete", other.memory_id: "ignore"}
+
+
+def test_select_targets_is_incremental() -> None:
+    old, new = mem("u", "old", 0, 0), mem("u", "new", 1, 2)
+    summary = mem("u", "summary", 2, 2, kind="summary")
+    rewritten = mem("u", "rewritten", 3, 3).model_copy(update={"version": 2})
+    recs = [new, summary, old, rewritten]
+    assert select_targets(recs, None, ["fact"]) == [old, new]
+    assert select_targets(recs, T0 + timedelta(days=1), ["fact"]) == [new]
+    assert select_targets(recs, T0 + timedelta(days=2), ["fact"]) == []
+    assert select_targets(recs, T0 + timedelta(days=1), ["fact", "summary"]) == [new, summary]
+
+
+def test_delete_keeps_provenance_and_record() -> None:
+    target = mem("u", "Alice now lives in Berlin.", 5, 5)
+    older = mem("u", "Alice lives in Paris.", 1, 1)
+    other = mem("u", "Alice visited Berlin once.", 2, 2)
+    now = T0 + timedelta(days=9)
+    cands = [Candidate(older, 0.9), Candidate(other, 0.85)]
+    decisions = [
+        Decision(older.memory_id, "delete", reason="moved"),
+        Decision(other.memory_id, "update", "Alice visited Berlin once, and now lives there.", "adds"),
+    ]
+    changes = build_changes(target, cands, decisions, "llm:test", "pv", now)
+    assert [c.action for c in changes] == ["update", "update", "delete"]
+    upd, absorb, delete = changes
+    assert upd.memory_id == other.memory_id and upd.new_record is not None
+    assert set(upd.new_record.source_turn_ids) == set(other.source_turn_ids) | set(target.source_turn_ids)
+    assert upd.new_record.version == 2 and upd.new_record.updated_at == now and upd.caused_by == [target.memory_id]
+    assert absorb.memory_id == target.memory_id and absorb.new_record is not None
+    assert absorb.new_record.text == target.text and absorb.new_record.version == 2
+    assert set(absorb.new_record.source_turn_ids) == set(target.source_turn_ids) | set(older.source_turn_ids)
+    assert absorb.caused_by == [older.memory_id]
+    assert delete.old_record == older and delete.caused_by == [target.memory_id]
+    # deterministic ids: the same decisions give the same change ids
+    again = build_changes(target, cands, decisions, "llm:test", "pv", now + timedelta(hours=1))
+    assert [c.change_id for c in again] == [c.change_id for c in changes]
+    assert len({c.change_id for c in changes}) == 3
+
+
+def test_changelog_dedups_and_forgets(tmp_path: Path) -> None:
+    target, older = mem("u", "b", 1, 1), mem("u", "a", 0, 0)
+    other = mem("v", "x", 0, 0)
+    now = T0 + timedelta(days=3)
+    ch = build_changes(target, [Candidate(older, 0.9)], [Decision(older.memory_id, "ignore")], "m", "pv", now)
+    ch_v = build_changes(other, [Candidate(other, 0.9)], [Decision(other.memory_id, "ignore")], "m", "pv", now)
+    log = ChangeLog.in_dir(tmp_path)
+    assert len(log.append(ch + ch)) == 1 and log.append(ch) == []
+    log.append(ch_v)
+    with log.path.open("a") as f:
+        f.write('{"schema_version": 1, "change_id": "torn')  # a crash while appending
+    log = ChangeLog.in_dir(tmp_path)
+    assert len(log) == 2 and log.for_memory(older.memory_id) == ch
+    assert log.forget_user("u") == 1
+    assert [c.user_id for c in ChangeLog.in_dir(tmp_path).all()] == ["v"]
+    marks = Watermarks.in_dir(tmp_path)
+    marks.set("u", now, now)
+    assert Watermarks.in_dir(tmp_path).get("u") == now and marks.forget("u")
+    assert Watermarks.in_dir(tmp_path).get("u") is None
+
+
+# == slow layer: the real encoder and the embedded engine ==================================================
+
+
+@pytest.fixture
+def world(tmp_path: Path, encoder):  # noqa: ANN001, ANN201
+    """(make_settings, store factory) sharing one tmp store path; stores are closed at the end."""
+    from streams.ltm import open_store
+
+    opened = []
+
+    def store_for(settings: Settings):  # noqa: ANN202
+        s = open_store(settings.store, encoder.dim)
+        opened.append(s)
+        return s
+
+    yield store_for
+    for s in opened:
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001 - closed by the test already
+            pass
+
+
+def put(store: Any, encoder: Any, records: list[MemoryRecord]) -> None:
+    store.upsert(records, encoder.embed([r.text for r in records]))
+
+
+def compact_now(settings: Settings, store: Any, encoder: Any, **kwargs: Any) -> Any:
+    async def go() -> Any:
+        c = Compactor(settings, store, encoder.embed)
+        try:
+            return await c.run(**kwargs)
+        finally:
+            await c.aclose()
+
+    return run(go())
+
+
+ALICE = [
+    ("Alice lives in Paris with her partner.", 0),
+    ("Alice has a cat named Miso.", 1),
+    ("Alice works as a nurse at a hospital.", 2),
+]
+
+
+@pytest.mark.slow
+def test_incremental_second_run_makes_no_llm_call(tmp_path, world, encoder, compaction_llm) -> None:  # noqa: ANN001
+    settings = settings_for(tmp_path, compaction_llm.server)
+    store = world(settings)
+    put(store, encoder, [mem("alice", t, i, d) for i, (t, d) in enumerate(ALICE)])
+    put(store, encoder, [mem("alice", "Alice has a cat called Miso.", 10, 5)])  # near the cat fact
+    report = compact_now(settings, store, encoder)
+    prompts = compaction_llm.prompts()
+    # first run: every memory is new, but only the one with a close EARLIER neighbour costs a call
+    assert report.targets == 4 and len(prompts) == 1 and report.cost.calls == 1
+    new, older = prompts[0]
+    assert new[2] == "Alice has a cat called Miso." and [t for _, _, t in older] == ["Alice has a cat named Miso."]
+    assert report.cost.input_tokens > 0 and report.cost.output_tokens > 0 and report.cost.stage == "compaction"
+    assert report.actions == {"ignore": 1}
+
+    compaction_llm.server.reset()
+    report = compact_now(settings, store, encoder)
+    assert report.targets == 0 and compaction_llm.server.requests == [] and report.cost.calls == 0
+
+    # one new memory → one call, about that memory only, against earlier memories only
+    put(store, encoder, [mem("alice", "Alice works as a nurse in a children's hospital.", 11, 7)])
+    report = compact_now(settings, store, encoder)
+    prompts = compaction_llm.prompts()
+    assert report.targets == 1 and len(prompts) == 1
+    assert prompts[0][0][2] == "Alice works as a nurse in a children's hospital."
+    assert "Alice works as a nurse at a hospital." in [t for _, _, t in prompts[0][1]]
+
+
+@pytest.mark.slow
+def test_update_reembeds_and_bumps_version(tmp_path, world, encoder, compaction_llm) -> None:  # noqa: ANN001
+    settings = settings_for(tmp_path, compaction_llm.server, similarity_threshold=0.6)
+    store = world(settings)
+    old = mem("alice", "Alice works as a nurse at a hospital.", 0, 0)
+    new = mem("alice", "Alice works as a nurse at the hospital in Lyon.", 1, 3)
+    put(store, encoder, [old, new])
+    rewritten = "Alice is a pediatric nurse in Lyon since spring 2024."
+    compaction_llm.policy = lambda n, older: [
+        {"id": a, "action": "update", "text": rewritten, "reason": "place"} for a, _, _ in older
+    ]
+    report = compact_now(settings, store, encoder)
+    assert report.actions == {"update": 1}
+    (got,) = store.get("alice", [old.memory_id])
+    assert got.text == rewritten and got.version == 2 and got.updated_at > got.created_at
+    assert set(got.source_turn_ids) == set(old.source_turn_ids) | set(new.source_turn_ids)
+    # re-embedded: a dense search by the new wording finds it first, with the vector of the new text
+    hits = store.search("alice", rewritten, encoder.embed_one(rewritten), 1, mode="dense")
+    assert hits[0].record.memory_id == old.memory_id and hits[0].score > 0.99
+    # a BM25 search by a word only in the new text finds it too
+    assert store.search("alice", "pediatric", None, 1, mode="sparse")[0].record.memory_id == old.memory_id
+    change = ChangeLog.in_dir(settings.data_dir).for_memory(old.memory_id)[0]
+    assert (change.old_text, change.new_text, change.old_version, change.new_version) == (old.text, rewritten, 1, 2)
+    assert change.model == "llm:test-model" and change.caused_by == [new.memory_id]
+
+
+@pytest.mark.slow
+def test_delete_then_revert_restores_the_point(tmp_path, world, encoder, compaction_llm) -> None:  # noqa: ANN001
+    settings = settings_for(tmp_path, compaction_llm.server, similarity_threshold=0.6)
+    store = world(settings)
+    old = mem("alice", "Alice lives in Paris with her partner.", 0, 0)
+    new = mem("alice", "Alice lives in Berlin with her partner now.", 1, 4)
+    put(store, encoder, [old, new])
+    compaction_llm.policy = lambda n, older: [{"id": a, "action": "delete", "reason": "moved"} for a, _, _ in older]
+    compact_now(settings, store, encoder)
+    assert store.get("alice", [old.memory_id]) == []
+    (survivor,) = store.get("alice", [new.memory_id])
+    assert set(survivor.source_turn_ids) == set(old.source_turn_ids) | set(new.source_turn_ids)  # evidence kept
+    log = ChangeLog.in_dir(settings.data_dir)
+    (delete,) = [c for c in log.for_memory(old.memory_id) if c.action == "delete"]
+    assert delete.old_record == old
+
+    rc = build_revert(delete, None, datetime.now(UTC), settings.pipeline_version)
+    log.append([rc])
+    apply_changes([rc], store, encoder.embed)
+    (back,) = store.get("alice", [old.memory_id])
+    assert back.text == old.text and back.memory_id == old.memory_id and back.version == 2
+    hits = store.search("alice", "Paris", encoder.embed_one("Where does Alice live in Paris?"), 1, mode="dense")
+    assert hits[0].record.memory_id == old.memory_id
+    # applying again, or the delete again, changes nothing: versions guard every change
+    again = apply_changes([delete, rc], store, encoder.embed)
+    assert again.applied == 0 and store.get("alice", [old.memory_id])[0].version == 2
+    with pytest.raises(RevertError):
+        build_revert(delete, back, datetime.now(UTC), settings.pipeline_version)  # it exists again
+    # a restored memory is not new: the next run makes no call
+    compaction_llm.server.reset()
+    assert compact_now(settings, store, encoder).targets == 0 and compaction_llm.server.requests == []
+
+
+@pytest.mark.slow
+def test_history_and_revert_commands(tmp_path, world, encoder, compaction_llm, monkeypatch) -> None:  # noqa: ANN001
+    from streams.cli import app
+
+    settings = settings_for(tmp_path, compaction_llm.server)
+    for key, value in {
+        "LIGHTMEM_DATA_DIR": str(settings.data_dir),
+        "LIGHTMEM_STORE__PATH": str(settings.store.path),
+        "LIGHTMEM_LLM__BASE_URL": compaction_llm.server.url,
+        "LIGHTMEM_LLM__MODEL": "test-model",
+        "LIGHTMEM_LLM__BACKOFF_S": "0.01",
+    }.items():
+        monkeypatch.setenv(key, value)
+    store = world(settings)
+    old = mem("alice", "Alice works as a nurse at a hospital.", 0, 0)
+    new = mem("alice", "Alice works as a nurse at the hospital in Lyon.", 1, 3)
+    put(store, encoder, [old, new])
+    store.close()  # one owner at a time: the CLI opens it
+    compaction_llm.policy = lambda n, older: [
+        {"id": a, "action": "update", "text": "Alice is a nurse in Lyon.", "reason": "place"} for a, _, _ in older
+    ]
+    cli = CliRunner()
+    res = cli.invoke(app, ["compact", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["users"][0]["actions"] == {"update": 1} and out["cost"]["calls"] == 1
+    (change,) = ChangeLog.in_dir(settings.data_dir).for_memory(old.memory_id)
+
+    res = cli.invoke(app, ["memory", "revert", change.change_id[:13]])
+    assert res.exit_code == 0, res.output
+    assert "restored" in res.stdout
+    res = cli.invoke(app, ["memory", "history", old.memory_id, "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    current, life = lines[0]["current"], lines[1:]
+    assert current["text"] == old.text and current["version"] == 3
+    assert [c["action"] for c in life] == ["update", "revert"]
+    assert life[0]["new_text"] == "Alice is a nurse in Lyon." and life[1]["reverts"] == change.change_id
+    res = cli.invoke(app, ["memory", "history", old.memory_id])
+    assert res.exit_code == 0 and "revert" in res.stdout and "update" in res.stdout
+    res = cli.invoke(app, ["memory", "revert", change.change_id])
+    assert res.exit_code == 0 and "already reverted" in res.stdout
+    res = cli.invoke(app, ["memory", "history", "no-such-memory"])
+    assert res.exit_code == 1
+
+
+@pytest.mark.slow
+def test_crash_mid_run_resumes_without_redoing_a_finished_user(tmp_path, world, encoder, compaction_llm) -> None:  # noqa: ANN001
+    settings = settings_for(tmp_path, compaction_llm.server)
+    store = world(settings)
+    users = ["alice", "bob", "carol"]
+    for u in users:
+        name = u.capitalize()
+        put(
+            store,
+            encoder,
+            [
+                mem(u, f"{name} has a cat named Miso.", 0, 0),
+                mem(u, f"{name} has a cat called Miso.", 1, 2),
+                mem(u, f"{name} plays the violin every evening.", 2, 3),
+                mem(u, f"{name} plays violin in the evenings.", 3, 4),
+            ],
+        )
+    compaction_llm.policy = lambda n, older: [{"id": a, "action": "delete", "reason": "dup"} for a, _, _ in older]
+    finished: list[str] = []
+
+    def crash(run_: Any) -> None:
+        finished.append(run_.user_id)
+        raise RuntimeError("injected crash after the first user")
+
+    with pytest.raises(RuntimeError, match="injected crash"):
+        compact_now(settings, store, encoder, after_user=crash)
+    done = finished[0]  # (another user may have finished in the same instant; it raised too)
+    marks = Watermarks.in_dir(settings.data_dir)
+    assert all(marks.get(u) is not None for u in finished)
+    assert len(store.get_all(done)) == 2  # its two duplicates are gone
+
+    compaction_llm.server.reset()
+    report = compact_now(settings, store, encoder)
+    asked = {t for new, older in compaction_llm.prompts() for t in [new[2], *(o[2] for o in older)]}
+    for u in finished:  # a finished user is not redone
+        assert not any(t.startswith(u.capitalize()) for t in asked)
+    assert {u.user_id for u in report.users if u.targets} <= set(users) - set(finished)
+    for u in users:
+        recs = store.get_all(u)
+        assert len(recs) == 2, u
+        turns = {t for r in recs for t in r.source_turn_ids}
+        assert turns == {ids.turn_id(u, "s1", n) for n in range(4)}  # provenance of the deleted kept
+        assert Watermarks.in_dir(settings.data_dir).get(u) is not None
+    # nothing was applied twice: one delete per duplicate in the log
+    log = ChangeLog.in_dir(settings.data_dir)
+    assert sorted(c.action for c in log.all() if c.action == "delete") == ["delete"] * 6
+
+
+@pytest.mark.slow
+def test_changes_logged_but_not_applied_are_applied_on_resume(tmp_path, world, encoder, monkeypatch) -> None:  # noqa: ANN001
+    import streams.sleep.compact as compact_mod
+
+    settings = settings_for(tmp_path)  # offline rule
+    store = world(settings)
+    old, new = mem("dan", "Dan drives a red car.", 0, 0), mem("dan", "Dan drives a red car", 1, 1)
+    put(store, encoder, [old, new])
+
+    def die(*a: Any, **k: Any) -> None:
+        raise RuntimeError("killed between logging and applying")
+
+    monkeypatch.setattr(compact_mod, "apply_changes", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        compact_now(settings, store, encoder)
+    assert len(store.get_all("dan")) == 2 and len(ChangeLog.in_dir(settings.data_dir)) == 2
+    monkeypatch.undo()
+    report = compact_now(settings, store, encoder)
+    assert report.users[0].recovered == 2
+    (kept,) = store.get_all("dan")
+    assert kept.memory_id == new.memory_id and set(kept.source_turn_ids) == set(old.source_turn_ids) | set(
+        new.source_turn_ids
+    )
+
+
+@pytest.mark.slow
+def test_offline_rule_merges_near_duplicates_and_keeps_provenance(tmp_path, world, encoder) -> None:  # noqa: ANN001
+    settings = settings_for(tmp_path)
+    store = world(settings)
+    recs = [
+        mem("erin", "Erin's favourite food is sushi.", 0, 0),
+        mem("erin", "erin's favourite food is SUSHI", 1, 1, session="s2"),  # same normalised text
+        mem("erin", "Erin is training for the Boston marathon.", 2, 2),
+        mem("erin", "Erin is training for the marathon in Boston.", 3, 3),  # near-duplicate
+        mem("erin", "Erin ran a half marathon last year.", 4, 4),  # related, not a duplicate
+        mem("erin", "Erin talked about food and running.", 5, 5, kind="summary"),
+    ]
+    put(store, encoder, recs)
+    evidence = {t for r in recs for t in r.source_turn_ids}
+    report = compact_now(settings, store, encoder)
+    assert report.cost.calls == 0 and {u.user_id for u in report.users} == {"erin"}
+    left = {r.text: r for r in store.get_all("erin")}
+    assert set(left) == {
+        "erin's favourite food is SUSHI",
+        "Erin is training for the marathon in Boston.",
+        "Erin ran a half marathon last year.",
+        "Erin talked about food and running.",
+    }
+    assert {t for r in left.values() for t in r.source_turn_ids} == evidence  # evidence recall cannot drop
+    sushi = left["erin's favourite food is SUSHI"]
+    assert sushi.session_ids == ["s2", "s1"] and sushi.version == 2 and len(sushi.event_timestamps) == 2
+    log = ChangeLog.in_dir(settings.data_dir)
+    assert {c.model for c in log.all()} == {"offline-rule"}
+    assert sum(c.action == "delete" for c in log.all()) == 2
+    assert left["Erin talked about food and running."].version == 1  # summaries are not compacted
+
+
+@pytest.mark.slow
+def test_llm_failure_is_a_dead_letter_never_a_silent_ignore(tmp_path, world, encoder, compaction_llm) -> None:  # noqa: ANN001
+    from streams.dlq import DeadLetterLog
+
+    settings = settings_for(tmp_path, compaction_llm.server)
+    store = world(settings)
+    put(store, encoder, [mem("fay", "Fay has a cat named Miso.", 0, 0), mem("fay", "Fay has a cat called Miso.", 1, 1)])
+    compaction_llm.server.inject("500", "invalid_json", "429", "bad_schema")  # 4 attempts: all fail
+    report = compact_now(settings, store, encoder)
+    assert report.cost.calls == 4 and report.changes == []
+    (dead,) = DeadLetterLog(settings.data_dir / "dead_letters.jsonl").read()
+    assert dead.stage == "compact" and dead.key == "fay" and dead.attempts == 4
+    assert json.loads(dead.payload)["target"]["text"] == "Fay has a cat called Miso."
+    assert len(store.get_all("fay")) == 2
+    # a retried success is not a dead letter
+    compaction_llm.server.inject("500")
+    report = compact_now(settings, store, encoder, full=True)
+    assert report.cost.calls == 2 and report.dead_letters == [] and report.actions == {"ignore": 1}
+
+
+@pytest.mark.slow
+def test_erasure_leaves_nothing(tmp_path, compaction_llm) -> None:  # noqa: ANN001
+    from streams.api import Memory
+    from streams.cli import app
+    from streams.sleep import compact_memory
+
+    settings = settings_for(tmp_path, compaction_llm.server)
+    compaction_llm.policy = lambda n, older: [{"id": a, "action": "delete", "reason": "dup"} for a, _, _ in older]
+    with Memory(settings) as m:
+        for user in ("gus", "hana"):
+            m.add("I adopted a cat named Miso last week.", user_id=user, session_id="s1")
+            m.flush(user)  # two extraction batches: the second one's memories are newer
+            m.add("I adopted a cat named Miso last week!", user_id=user, session_id="s2")
+            m.flush(user)
+        # an unfinished STM buffer for gus, and a dead letter of his
+        m.add("I also play the violin on weekends.", user_id="gus", session_id="s3")
+        report = compact_memory(m)
+        assert m.costs()["compaction"].calls == report.cost.calls
+        assert ChangeLog.in_dir(settings.data_dir).for_user("gus")
+    compaction_llm.server.inject("500", "500", "500", "500")
+    with Memory(settings) as m:
+        m.add("I love violins.", user_id="gus", session_id="s4")
+        m.flush("gus")
+        assert m.pipeline.dead_letters.read()  # type: ignore[attr-defined]
+        m.add("Something buffered.", user_id="gus", session_id="s5")
+
+        from streams.sleep import erase_user
+
+        r = erase_user(m, "gus")
+        assert r.memories > 0 and r.changes > 0 and r.watermark and r.dead_letters == 1
+        assert m.pipeline.store.count("gus") == 0 and "gus" not in m.pipeline.sensory and "gus" not in m.pipeline.stm
+        assert m.search("cat Miso", user_id="gus") == [] and m.get_all("gus") == []
+        assert m.pipeline.store.count("hana") > 0
+        assert "gus" not in m.pipeline.store.users()
+    data = settings.data_dir
+    assert not ChangeLog.in_dir(data).for_user("gus") and ChangeLog.in_dir(data).for_user("hana")
+    assert Watermarks.in_dir(data).get("gus") is None and Watermarks.in_dir(data).get("hana") is not None
+    for f in data.rglob("*.json*"):  # no state file mentions him any more
+        assert '"gus' not in f.read_text(), f
+    # the CLI: forget through the command, then nothing is found
+    cli = CliRunner()
+    env = {"LIGHTMEM_DATA_DIR": str(data), "LIGHTMEM_STORE__PATH": str(settings.store.path)}
+    res = cli.invoke(app, ["forget", "--user", "hana", "--yes"], env=env)
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(app, ["search", "cat", "--user", "hana", "--json"], env=env)
+    assert res.exit_code == 0 and res.stdout.strip() == ""
+    res = cli.invoke(app, ["compact", "--user", "hana", "--json"], env=env)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["users"][0]["targets"] == 0
+    assert not ChangeLog.in_dir(data).all()
+
+
+def test_revert_refuses_an_ignore_and_a_changed_memory() -> None:
+    older, target = mem("u", "a", 0, 0), mem("u", "b", 1, 1)
+    now = T0 + timedelta(days=2)
+    (ign,) = build_changes(target, [Candidate(older, 0.9)], [Decision(older.memory_id, "ignore")], "m", "pv", now)
+    with pytest.raises(RevertError):
+        build_revert(ign, older, now, "pv")
+    (upd,) = build_changes(target, [Candidate(older, 0.9)], [Decision(older.memory_id, "update", "a2")], "m", "pv", now)
+    later = upd.new_record.model_copy(update={"version": 3})  # type: ignore[union-attr]
+    with pytest.raises(RevertError):
+        build_revert(upd, later, now, "pv")
+    forced = build_revert(upd, later, now, "pv", force=True)
+    assert forced.new_record is not None and forced.new_record.text == "a" and forced.new_record.version == 4
+
+
+def test_decider_is_offline_without_base_url() -> None:
+    d = Decider(Settings().llm, SleepSettings(), "pv")
+    assert d.offline and d.name == "offline-rule"
+    assert isinstance(MemoryChange, type)
