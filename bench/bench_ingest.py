@@ -72,8 +72,10 @@ def main() -> None:
             wall, costs = embedded(settings, stages, turns, Path(tmp) / f"round{r}")
             emb_s.append(wall)
             breakdown.append(costs)
-            print(f"round {r}: bare {len(turns) / bare_s[-1]:.1f} turns/s, embedded {len(turns) / wall:.1f} turns/s, "
-                  f"stages {costs}")
+            print(
+                f"round {r}: bare {len(turns) / bare_s[-1]:.1f} turns/s, embedded {len(turns) / wall:.1f} turns/s, "
+                f"stages {costs}"
+            )
     bare_tps = len(turns) / statistics.median(bare_s)
     emb_tps = len(turns) / statistics.median(emb_s)
     result = {

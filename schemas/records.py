@@ -79,6 +79,7 @@ class Fact(Record):
     text: NonEmpty
     source_turn_ids: list[NonEmpty] = Field(min_length=1)
     source_timestamps: list[AwareDatetime] = Field(min_length=1)
+    session_ids: list[NonEmpty] = Field(min_length=1, description="sessions of the source turns, in order")
 
 
 class STMSummary(Record):

@@ -1,11 +1,11 @@
 """The Python API, shaped like what mem0 users know.
 
-    from streams.api import Memory
-    m = Memory()                                  # Settings() from LIGHTMEM_* env, embedded mode
-    m.add([{"role": "user", "content": "I adopted a cat named Miso"}], user_id="alice", session_id="s1")
-    m.flush(user_id="alice")
-    for hit in m.search("what pet does alice have?", user_id="alice"):
-        print(hit.score, hit.record.text, hit.record.source_turn_ids)
+from streams.api import Memory
+m = Memory()                                  # Settings() from LIGHTMEM_* env, embedded mode
+m.add([{"role": "user", "content": "I adopted a cat named Miso"}], user_id="alice", session_id="s1")
+m.flush(user_id="alice")
+for hit in m.search("what pet does alice have?", user_id="alice"):
+    print(hit.score, hit.record.text, hit.record.source_turn_ids)
 """
 
 from __future__ import annotations
@@ -119,7 +119,13 @@ class Memory:
         user_id = _require_user(user_id)
         vector = None if mode == "sparse" else self.pipeline.stages.encoder.embed_one(query)
         return self.pipeline.store.search(
-            user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to  # type: ignore[arg-type]
+            user_id,
+            query,
+            vector,
+            limit,
+            mode=mode,
+            time_from=time_from,
+            time_to=time_to,  # type: ignore[arg-type]
         )
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +30,7 @@ err = Console(stderr=True)
 DATA_DIR_OPT = typer.Option(envvar="LIGHTMEM_DATA_DIR", help="local state directory (DLQ log, Qdrant storage)")
 
 
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     locomo = "locomo"
     longmemeval = "longmemeval"
     jsonl = "jsonl"
@@ -138,7 +138,8 @@ def demo(
         t.add_column("source turns")
         for r in records:
             src = "; ".join(
-                f"{by_id[s].session_id}#{by_id[s].seq} {by_id[s].speaker or by_id[s].role}" for s in r.source_turn_ids[:3]
+                f"{by_id[s].session_id}#{by_id[s].seq} {by_id[s].speaker or by_id[s].role}"
+                for s in r.source_turn_ids[:3]
             )
             if len(r.source_turn_ids) > 3:
                 src += f" (+{len(r.source_turn_ids) - 3})"
@@ -228,7 +229,9 @@ def search(
         console.print(f"no memories found for user {user!r}")
     for h in hits:
         r = h.record
-        console.print(f"{h.score:.3f} [{r.kind}] {r.text}  [dim]({len(r.source_turn_ids)} source turns, {r.memory_id})[/]")
+        console.print(
+            f"{h.score:.3f} [{r.kind}] {r.text}  [dim]({len(r.source_turn_ids)} source turns, {r.memory_id})[/]"
+        )
 
 
 @app.command()
@@ -245,9 +248,8 @@ def schemas(write: Annotated[bool, typer.Option(help="rewrite the JSON Schema fi
     console.print("JSON schemas up to date")
 
 
-from streams import cli_kafka  # noqa: E402,F401
-from streams import cli_sleep  # noqa: E402,F401
-from streams import cli_eval  # noqa: E402,F401
+# command groups living in their own modules register on `app` when imported
+from streams import cli_eval, cli_kafka, cli_sleep  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover

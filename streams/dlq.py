@@ -16,7 +16,9 @@ from schemas import DeadLetter
 from streams import ids
 
 
-def dead_letter(stage: str, reason: str, error_type: str, payload: str | bytes, key: str | None, attempts: int = 1) -> DeadLetter:
+def dead_letter(
+    stage: str, reason: str, error_type: str, payload: str | bytes, key: str | None, attempts: int = 1
+) -> DeadLetter:
     text = payload.decode("latin-1") if isinstance(payload, bytes) else payload
     now = datetime.now(UTC)
     return DeadLetter(

@@ -102,11 +102,15 @@ class Encoder:
             ).eval()
         return self._shallow[depth]
 
-    def token_attention(self, texts: Sequence[str], layers: Sequence[int] | None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def token_attention(
+        self, texts: Sequence[str], layers: Sequence[int] | None
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Run the encoder once over the concatenated texts.
 
-        Returns the token×token attention averaged over ``layers`` (default: the first layer) and heads, and each text's (start, end) span in that sequence. The sequence is cut
-        at the model's position limit; texts beyond it get empty spans.
+        Returns the token×token attention averaged over ``layers`` (default: the first layer) and
+        heads, and each text's (start, end) span in that sequence. Only the layers up to the deepest
+        chosen one run. The sequence is cut at the model's position limit; texts beyond it get
+        empty spans.
         """
         import torch
 

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, TopicSegment
 from streams import ids
 from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
+from streams.segment import turn_label
 from streams.settings import LLMSettings
 from streams.tokens import count_messages_tokens, count_tokens
 
@@ -192,6 +193,7 @@ def build_summary(
                 text=extracted.text,
                 source_turn_ids=[alias_map[a].turn_id for a in valid],
                 source_timestamps=[alias_map[a].timestamp for a in valid],
+                session_ids=list(dict.fromkeys(alias_map[a].session_id for a in valid)),
             )
         )
 
@@ -267,7 +269,7 @@ def extractive_summary(
     response = ExtractionResponse(
         summary=_topic_line(turns),
         facts=[
-            ExtractedFact(text=f"{_who(t)}: {' '.join(t.compressed_text.split())}", sources=[alias])
+            ExtractedFact(text=turn_label(t), sources=[alias])
             for alias, t in alias_map.items()
             if t.compressed_text.strip()
         ],

@@ -21,12 +21,11 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
     turn_ts = sorted({ts for f in summary.facts for ts in f.source_timestamps})
     out: list[MemoryRecord] = []
     for pos, fact in enumerate(summary.facts):
-        sessions = _sessions_of(summary, fact.source_turn_ids)
         out.append(
             MemoryRecord(
                 memory_id=ids.memory_id(summary.user_id, fact.source_turn_ids, pos, "fact"),
                 user_id=summary.user_id,
-                session_ids=sessions,
+                session_ids=list(fact.session_ids),
                 text=fact.text,
                 kind="fact",
                 source_turn_ids=list(fact.source_turn_ids),
@@ -56,12 +55,6 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
         )
     )
     return out
-
-
-def _sessions_of(summary: STMSummary, turn_ids: Sequence[str]) -> list[str]:
-    # A summary records its sessions in turn order; a fact inherits those of the batch (we do not
-    # carry a turn→session map in the summary, and a fact spanning sessions keeps them all).
-    return list(summary.session_ids)
 
 
 class EmbeddingCache:

@@ -34,9 +34,10 @@ BoundaryKind = Literal["attention+similarity", "similarity", "single", "oversize
 
 
 def turn_label(turn: CompressedTurn) -> str:
-    """The text a turn contributes to segmentation (and, offline, to its fact): speaker + compressed text."""
+    """The text a turn contributes to segmentation (and, offline, to its fact): speaker + compressed text,
+    whitespace collapsed to single spaces."""
     who = turn.speaker or turn.role
-    return f"{who}: {turn.compressed_text or turn.raw_text}"
+    return f"{who}: {' '.join((turn.compressed_text or turn.raw_text).split())}"
 
 
 class Segmenter:
@@ -118,7 +119,9 @@ def _state(user_id: str, turns: Sequence[CompressedTurn]) -> SensoryBufferState:
     return SensoryBufferState(user_id=user_id, turns=list(turns), encoder_tokens=sum(t.encoder_tokens for t in turns))
 
 
-def cut(state: SensoryBufferState, segmenter: Segmenter, *, force: bool) -> tuple[list[TopicSegment], SensoryBufferState]:
+def cut(
+    state: SensoryBufferState, segmenter: Segmenter, *, force: bool
+) -> tuple[list[TopicSegment], SensoryBufferState]:
     """Cut the buffer at its topic boundaries. ``force`` emits the tail too (on-demand flush)."""
     turns = state.turns
     if not turns:

@@ -39,16 +39,22 @@ class SegmentationSettings(BaseModel):
     sim_threshold_start: float = 0.2
     sim_threshold_step: float = 0.05
     sim_threshold_max: float = 0.5
-    window_turns: int = Field(default=3, ge=0, description="a similarity cut is kept within ±N turns of an attention boundary")
+    window_turns: int = Field(
+        default=3, ge=0, description="a similarity cut is kept within ±N turns of an attention boundary"
+    )
 
 
 class STMSettings(BaseModel):
     threshold_tokens: int = Field(default=512, ge=1, description="flush when buffered segments reach this many tokens")
-    idle_timeout_s: float = Field(default=300.0, gt=0, description="flush a user's buffer after this long without input")
+    idle_timeout_s: float = Field(
+        default=300.0, gt=0, description="flush a user's buffer after this long without input"
+    )
 
 
 class LLMSettings(BaseModel):
-    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint; unset = offline extractive mode")
+    base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint; unset = offline extractive mode"
+    )
     model: str = "gpt-4o-mini"
     api_key: SecretStr = SecretStr("not-needed")
     timeout_s: float = Field(default=60.0, gt=0)

@@ -10,7 +10,9 @@ from streams import ids
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 
 
-def raw_turn(user: str, session: str, seq: int, content: str, role: str = "user", speaker: str | None = None) -> RawTurn:
+def raw_turn(
+    user: str, session: str, seq: int, content: str, role: str = "user", speaker: str | None = None
+) -> RawTurn:
     return RawTurn(
         turn_id=ids.turn_id(user, session, seq),
         user_id=user,

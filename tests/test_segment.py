@@ -104,7 +104,10 @@ def test_any_role_sequence_and_redelivery():
     state = SensoryBufferState(user_id="u")
     roles = ["user", "user", "tool", "assistant", "Caroline", "Melanie", "Melanie"]
     out_all = []
-    turns = [compressed_turn("u", i, f"cat {i}" if i < 4 else f"trip {i}", role=r, encoder_tokens=4) for i, r in enumerate(roles)]
+    turns = [
+        compressed_turn("u", i, f"cat {i}" if i < 4 else f"trip {i}", role=r, encoder_tokens=4)
+        for i, r in enumerate(roles)
+    ]
     for t in turns:
         out, state = sg.segment(state, t, seg)
         out_all.extend(out)
