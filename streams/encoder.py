@@ -65,7 +65,18 @@ class Encoder:
         return np.asarray(vecs, dtype=np.float32)
 
     def embed_one(self, text: str) -> np.ndarray:
-        return self.embed([text])[0]
+        """One query. A single short sequence gains nothing from intra-op threads and, on a busy
+        machine, loses a lot to them, so it runs on one thread."""
+        import torch
+
+        with self._lock:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                vec = self._st.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            finally:
+                torch.set_num_threads(threads)
+        return np.asarray(vec, dtype=np.float32)[0]
 
     # -- tokens and attention ---------------------------------------------------------
     def count_tokens(self, text: str) -> int:
