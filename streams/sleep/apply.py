@@ -12,8 +12,8 @@ change is harmless (what a redelivery, a resumed run or a replay of the changes 
 - ``ignore``: nothing.
 
 Within one call all changes are folded per memory first (in order), then the writes go out: upserts (one
-embedding batch) before deletes, so a survivor that absorbs a deleted memory's provenance is written before the
-deleted point disappears.
+embedding batch; a record whose text did not change keeps its stored vector) before deletes, so a survivor that
+absorbs a deleted memory's provenance is written before the deleted point disappears.
 """
 
 from __future__ import annotations
@@ -84,13 +84,18 @@ def next_state(current: MemoryRecord | None, change: MemoryChange) -> MemoryReco
 
 
 def apply_changes(changes: Sequence[MemoryChange], store: MemoryStore, embed: Embed) -> ApplyReport:
-    """Apply changes in order (see the module docstring); returns what was written."""
+    """Apply changes in order (see the module docstring); returns what was written.
+
+    A record whose text changed is re-embedded; one whose text did not (a survivor that only took over the
+    provenance of a superseded memory) keeps its stored vector, which is what re-embedding would give.
+    """
     t0 = time.perf_counter()
     report = ApplyReport()
     by_user: dict[str, list[MemoryChange]] = {}
     for c in changes:
         by_user.setdefault(c.user_id, []).append(c)
     upserts: list[MemoryRecord] = []
+    vectors: dict[str, np.ndarray] = {}
     deletes: dict[str, list[str]] = {}
     for user, user_changes in by_user.items():
         wanted = list(dict.fromkeys(c.memory_id for c in user_changes))
@@ -104,13 +109,22 @@ def apply_changes(changes: Sequence[MemoryChange], store: MemoryStore, embed: Em
                 continue
             state[c.memory_id] = nxt  # type: ignore[assignment]
             report.applied += 1
+        same_text: list[str] = []
         for m, rec in state.items():
-            if rec is None and current[m] is not None:
+            before = current[m]
+            if rec is None and before is not None:
                 deletes.setdefault(user, []).append(m)
-            elif rec is not None and rec != current[m]:
+            elif rec is not None and rec != before:
                 upserts.append(rec)
+                if before is not None and before.text == rec.text:
+                    same_text.append(m)
+        if same_text:
+            vectors.update(store.get_vectors(user, same_text))
     if upserts:
-        store.upsert(upserts, embed([r.text for r in upserts]))  # re-embedded: vectors follow the new text
+        fresh = [r for r in upserts if r.memory_id not in vectors]
+        if fresh:  # re-embedded: vectors follow the new text
+            vectors.update(zip([r.memory_id for r in fresh], embed([r.text for r in fresh]), strict=True))
+        store.upsert(upserts, np.stack([vectors[r.memory_id] for r in upserts]))
         report.upserted.extend(r.memory_id for r in upserts)
     for user, mids in deletes.items():
         store.delete(user, mids)

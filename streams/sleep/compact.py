@@ -28,9 +28,11 @@ rule. **Evidence is never lost**:
 
 **Changes are events**: every decision (ignores too — they are the audit trail) is a ``MemoryChange`` whose
 ``change_id`` is a uuid5 of (memory id, its version, action, the memories that caused it), so a resumed run that
-decides the same thing produces the same ids. Embedded: changes are appended to the change log, then applied
-(``streams.sleep.apply``) before the next target is examined. Kafka: they are produced to the memory-changes
-topic and the LTM sink applies them; the run keeps an overlay of its own changes so later targets see them.
+decides the same thing produces the same ids. Targets are examined one after the other, and the run keeps an
+overlay of its own changes (updated records, deleted ids), so a later target sees what an earlier one changed
+even before the store does. Embedded: each target's changes are appended to the change log at once, and the
+user's changes are applied (``streams.sleep.apply``: one embedding batch) when the user is done. Kafka: they are
+produced to the memory-changes topic and the LTM sink applies them.
 
 **Resuming.** The watermark of a user moves (to the newest ``updated_at`` among its targets) only after all of
 that user's changes are applied; a run that dies half-way redoes only unfinished users. Embedded, a user's
@@ -306,6 +308,7 @@ class Compactor:
         self.dead_letters = dead_letters or DeadLetterLog(settings.data_dir / "dead_letters.jsonl")
         self.decider = decider or Decider(settings.llm, settings.sleep, settings.pipeline_version)
         self._emit = emit
+        self._pending: dict[str, list[MemoryChange]] = {}
         self.report = CompactionReport()
 
     @property
@@ -316,17 +319,21 @@ class Compactor:
         await self.decider.aclose()
 
     # -- emitting and applying --------------------------------------------------------------------------
-    async def _apply_logged(self, changes: Sequence[MemoryChange]) -> None:
-        self.changelog.append(changes)  # logged first: a crash before applying is repaired on the next run
-        self.report.apply.merge(apply_changes(changes, self.store, self.embed))
-
     async def emit(self, changes: Sequence[MemoryChange]) -> None:
+        """One target's changes: produced (Kafka), or logged now and applied when the user is done (embedded)."""
         if not changes:
             return
         if self._emit is not None:
             await self._emit(changes)
-        else:
-            await self._apply_logged(changes)
+            return
+        self.changelog.append(changes)  # logged first: a crash before applying is repaired on the next run
+        self._pending.setdefault(changes[0].user_id, []).extend(changes)
+
+    def _apply_pending(self, user_id: str) -> None:
+        """Embedded: apply a user's logged changes in one batch (one embedding call)."""
+        pending = self._pending.pop(user_id, [])
+        if pending:
+            self.report.apply.merge(apply_changes(pending, self.store, self.embed))
 
     def _recover(self, user_id: str) -> int:
         """Embedded: re-apply the user's changes logged after its last completed run (idempotent)."""
@@ -380,6 +387,7 @@ class Compactor:
                 await self.emit(changes)
                 overlay_changes(overlay, changes)
                 run.changes.extend(changes)
+            self._apply_pending(user_id)
             newest = max(t.updated_at for t in targets)
             run.watermark_after = newest if mark is None or newest > mark else mark
         # only now, with every change of the user applied (or produced), does the watermark move; a user with
