@@ -36,6 +36,7 @@ def recall_curves(results: Mapping[str, Any], path: Path) -> Path:
             style = "--" if s["system"] == "fulltext" else "-"
             ax.plot(ks, ys, style, marker="o", label=s["label"])
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_ylim(0, 1.02)
