@@ -173,6 +173,10 @@ def sink(
     idle_exit_s: Annotated[
         float | None, typer.Option(envvar="LIGHTMEM_SINK_IDLE_EXIT_S", help="exit after this long without records")
     ] = None,
+    heartbeat_file: Annotated[
+        Path | None,
+        typer.Option(envvar="LIGHTMEM_SINK_HEARTBEAT_FILE", help="file touched on every poll (liveness probes)"),
+    ] = None,
     loglevel: Annotated[LogLevel, typer.Option(envvar="LIGHTMEM_LOGLEVEL", help="log level")] = LogLevel.info,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
@@ -187,7 +191,14 @@ def sink(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        stats = await run_sink(settings, stop=stop, idle_exit_s=idle_exit_s, max_records=batch_max, timeout_ms=batch_ms)
+        stats = await run_sink(
+            settings,
+            stop=stop,
+            idle_exit_s=idle_exit_s,
+            max_records=batch_max,
+            timeout_ms=batch_ms,
+            heartbeat=heartbeat_file,
+        )
         err.print(
             f"sink stopped: {stats.batches} batches, {stats.summaries} summaries, {stats.memories} memories, "
             f"{stats.changes} changes, {stats.dead_letters} dead letters"
@@ -208,9 +219,11 @@ def replay(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Rebuild long-term memory from the raw-turn topic (offset 0 → the end at start) into a new collection."""
-    from streams.kafka.replay import replay_topic
+    from streams.kafka.replay import CollectionNotEmpty, replay_topic
 
     settings = _settings(data_dir)
+    if embedder is not None and not embedder.exists():
+        fail(f"--embedder {embedder} does not exist (a local sentence-transformers model directory)")
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"replaying {settings.kafka.topics.raw_turns}", total=None)
@@ -218,7 +231,10 @@ def replay(
         def advance(n: int, total: int) -> None:
             bar.update(task, total=total, advance=n)
 
-        report = _run(replay_topic(settings, collection, embedder=embedder, progress=advance))
+        try:
+            report = _run(replay_topic(settings, collection, embedder=embedder, progress=advance))
+        except CollectionNotEmpty as e:
+            fail(str(e))
     console.print(
         f"replayed {report.turns} turns of {report.users} users from {settings.kafka.topics.raw_turns} into "
         f"{collection}: {len(report.memory_ids)} memories, {report.dead_letters} dead letters, "

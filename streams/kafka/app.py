@@ -76,6 +76,8 @@ from .topics import (
 log = logging.getLogger("streams.kafka.app")
 
 RECENT_SEGMENTS = 1024  # ids of batched segments remembered per user (re-emission guard)
+STATS_EVERY_S = 5.0
+PROGRESS = b"\x00progress:"  # table keys of per-partition progress rows (user ids never start with NUL)
 
 
 @dataclass
@@ -129,7 +131,14 @@ class UserTable(faust.Table):
 
     def partition_for_key(self, key: Any) -> int | None:
         assert self.partitions is not None, "UserTable needs its partition count"
+        if key.startswith(PROGRESS):
+            return int(key[len(PROGRESS) :])
         return partition_for(key, self.partitions)
+
+
+def progress_key(partition: int) -> bytes:
+    """Row of a partition's progress (highest source offset handled): stored in that changelog partition."""
+    return PROGRESS + str(partition).encode()
 
 
 @dataclass
@@ -169,6 +178,7 @@ class Shell:
         self.batch_max = batch_max
         self.batch_within_s = batch_within_s
         self.stats = WorkerStats()
+        self._last_stats, self._last_stats_at = "", 0.0
         self.ledger = CostLedger()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-cpu")
         self._locks: dict[bytes, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -243,6 +253,34 @@ class Shell:
         p = partition_for(key, self.partitions)
         return TP(self.kafka.topics.raw_turns, p) in self.app.assignor.assigned_actives()
 
+    def _advance(self, table: UserTable, messages: Sequence[Any]) -> None:
+        """Record the highest offset handled per partition (valid, skipped or dead-lettered alike)."""
+        top: dict[int, int] = {}
+        for m in messages:
+            top[m.partition] = max(top.get(m.partition, -1), m.offset)
+        for part, offset in top.items():
+            if offset > self._progress(table, part):
+                table[progress_key(part)] = str(offset).encode()
+
+    @staticmethod
+    def _progress(table: UserTable, partition: int) -> int:
+        raw = table.get(progress_key(partition))
+        return -1 if raw is None else int(raw)
+
+    def _caught_up(self, table: UserTable, topic: str, partition: int) -> bool:
+        """True when this worker has handled every record of the partition it has fetched the end of.
+
+        An idle timeout only means "the user is idle" when their partition has no backlog: after a restart
+        or a rebalance, a user's last turn may be old while their next turns still wait in the topic.
+        """
+        hw = self._hw(topic, partition)
+        if hw is None:
+            return False  # nothing fetched yet
+        return self._progress(table, partition) >= hw - 1
+
+    def _user_keys(self, table: UserTable) -> list[bytes]:
+        return [k for k in list(table.keys()) if not k.startswith(PROGRESS) and self._local(k)]
+
     def _sensory_row(self, key: bytes, user_id: str) -> SensoryRow:
         return SensoryRow.load(self.sensory_table.get(key), user_id)
 
@@ -253,6 +291,12 @@ class Shell:
             await self.handle_turns([e.message for e in events])
 
     async def handle_turns(self, messages: Sequence[Any]) -> None:
+        try:
+            await self._handle_turns(messages)
+        finally:
+            self._advance(self.sensory_table, messages)
+
+    async def _handle_turns(self, messages: Sequence[Any]) -> None:
         parsed: list[tuple[RawTurn, Any]] = []
         dead: list[DeadLetter] = []
         for msg in messages:
@@ -264,6 +308,9 @@ class Shell:
             if msg.key != key_of(turn.user_id):
                 reason = f"record key {msg.key!r} is not the turn's user id {turn.user_id!r}"
                 dead.append(message_dead_letter(msg, "ingest", reason, "KeyMismatch"))
+                continue
+            if turn.user_id.startswith("\x00"):
+                dead.append(message_dead_letter(msg, "ingest", "user ids must not start with NUL", "ReservedUserId"))
                 continue
             parsed.append((turn, msg))
         if dead:
@@ -318,6 +365,12 @@ class Shell:
 
     async def handle_segment(self, msg: Any) -> None:
         try:
+            await self._handle_segment(msg)
+        finally:
+            self._advance(self.stm_table, [msg])
+
+    async def _handle_segment(self, msg: Any) -> None:
+        try:
             seg = TopicSegment.model_validate_json(msg.value if msg.value is not None else b"")
         except ValidationError as exc:
             await self._dead([message_dead_letter(msg, "stm", validation_reason(exc), validation_kind(exc))])
@@ -353,6 +406,7 @@ class Shell:
     # -- idle flush ---------------------------------------------------------------------------------
     async def _idle_timer(self) -> None:
         app = self.app
+        self._log_stats()
         if app.rebalancing or getattr(app, "in_recovery", False):
             return
         try:
@@ -360,14 +414,40 @@ class Shell:
         except Exception:
             log.exception("idle flush failed; retrying on the next tick")
 
+    def _log_stats(self) -> None:
+        """An info line when the counters changed (at most every ``STATS_EVERY_S``): progress per partition."""
+        now = time.monotonic()
+        snapshot = repr(self.stats)
+        if snapshot == self._last_stats or now - self._last_stats_at < STATS_EVERY_S:
+            return
+        self._last_stats, self._last_stats_at = snapshot, now
+        t = self.kafka.topics
+        parts = sorted(tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == t.raw_turns)
+        progress = {
+            p: (self._progress(self.sensory_table, p), self._hw(t.raw_turns, p), self._progress(self.stm_table, p))
+            for p in parts
+        }
+        log.info("worker stats: %s; partition: (turn progress, turn end, segment progress) %s", snapshot, progress)
+
+    def _hw(self, topic: str, partition: int) -> int | None:
+        try:
+            return self.app.consumer.highwater(TP(topic, partition))
+        except (AssertionError, KeyError):
+            return None
+
     async def flush_idle(self, now_s: float) -> None:
         """Flush the sensory, then the STM buffers of this worker's users idle past the timeout."""
-        for key in list(self.sensory_table.keys()):
-            if self._local(key):
+        t = self.kafka.topics
+        caught_up = {
+            p: self._caught_up(self.sensory_table, t.raw_turns, p) and self._caught_up(self.stm_table, t.segments, p)
+            for p in range(self.partitions)
+        }
+        for key in self._user_keys(self.sensory_table):
+            if caught_up[partition_for(key, self.partitions)]:
                 await self._flush_sensory(key, now_s)
         now = datetime.now(UTC)
-        for key in list(self.stm_table.keys()):
-            if self._local(key):
+        for key in self._user_keys(self.stm_table):
+            if caught_up[partition_for(key, self.partitions)]:
                 await self._flush_stm(key, now_s, now)
 
     def _sensory_idle(self, row: SensoryRow, now_s: float) -> bool:

@@ -15,8 +15,9 @@ consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``ma
 4. sends the dead letters and waits for their acknowledgement;
 5. commits the batch's offsets — only now, after the write.
 
-A failed write is retried with backoff from the batch's first offsets (nothing is committed), which
-is the sink's backpressure: it stops consuming until the store takes writes again.
+A failed write is retried with backoff (nothing is committed meanwhile), which is the sink's
+backpressure: it stops consuming until the store takes writes again; if the process dies first, the
+uncommitted batch is redelivered to the next sink.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -130,12 +132,19 @@ class LTMSink:
             self._producer = None
         self._pool.shutdown(wait=True)
 
-    async def run(self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None) -> SinkStats:
-        """Consume until ``stop`` is set (or, with ``idle_exit_s``, after that long without records)."""
+    async def run(
+        self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None, heartbeat: Path | None = None
+    ) -> SinkStats:
+        """Consume until ``stop`` is set (or, with ``idle_exit_s``, after that long without records).
+
+        ``heartbeat``: a file touched on every poll, for liveness probes (a stuck sink stops touching it).
+        """
         assert self._consumer is not None, "start() first"
         stop = stop or asyncio.Event()
         idle_since = time.monotonic()
         while not stop.is_set():
+            if heartbeat is not None:
+                heartbeat.touch()
             batch = await self._consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
             if not batch:
                 if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
@@ -235,6 +244,7 @@ async def run_sink(
     max_records: int = 256,
     timeout_ms: int = 500,
     apply_changes: ChangeHook | None = None,
+    heartbeat: Path | None = None,
 ) -> SinkStats:
     """Open the encoder and the store (this process owns it), run the sink, close everything."""
     from streams.encoder import load_encoder
@@ -253,7 +263,7 @@ async def run_sink(
     )
     try:
         await sink.start()
-        return await sink.run(stop, idle_exit_s=idle_exit_s)
+        return await sink.run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat)
     finally:
         await sink.stop()
         store.close()

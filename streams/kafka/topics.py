@@ -286,7 +286,7 @@ async def group_members(kafka: KafkaSettings, group_id: str) -> int:
         total = 0
         for r in resp:
             for g in r.to_object()["groups"]:
-                if g["group_state"] == "Stable":
+                if g.get("state", g.get("group_state")) == "Stable":
                     total += len(g["members"])
         return total
     finally:

@@ -1,0 +1,171 @@
+"""Replay: rebuild long-term memory from the raw-turn log into a fresh collection.
+
+The raw-turn topic is the log of record (kept forever), so memory can be rebuilt with a new embedding
+model, prompt or compression rate. Replay reads the topic with a fresh consumer (no group, nothing
+committed) from the beginning up to the end offsets captured at start, validates each record as the
+worker does, and feeds the turns in offset order through the SAME stage functions via
+``streams.pipeline.EmbeddedPipeline`` (collection = the new one, optionally another embedder); at the
+end every user's buffers are flushed. Ids are deterministic, so with nothing changed the new
+collection holds exactly the point ids the stream produced.
+
+Idle gaps: the worker flushes a user idle for ``settings.stm.idle_timeout_s``. Replay reproduces that
+from the records' timestamps: a user's turn more than the idle timeout after their previous one first
+flushes that user (``idle_gaps=True``, the default). A stream that ingested a backlog without such
+pauses is reproduced exactly; a worker that fell behind a live producer may have cut differently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from schemas.records import RawTurn
+from streams.settings import Settings
+
+from .topics import BrokerUnavailable, broker_available, key_of, message_dead_letter, validation_kind, validation_reason
+
+log = logging.getLogger(__name__)
+
+
+class CollectionNotEmpty(RuntimeError):
+    """Replay targets a collection that already holds memories."""
+
+
+@dataclass
+class ReplayReport:
+    collection: str
+    turns: int = 0
+    users: int = 0
+    dead_letters: int = 0
+    memory_ids: list[str] = field(default_factory=list)
+    end_offsets: dict[int, int] = field(default_factory=dict)
+
+
+def replay_settings(settings: Settings, collection: str, embedder: Path | str | None = None) -> Settings:
+    update: dict[str, object] = {"store": settings.store.model_copy(update={"collection": collection})}
+    if embedder is not None:
+        update["embedding"] = settings.embedding.model_copy(update={"model": str(embedder)})
+    return settings.model_copy(update=update)
+
+
+async def replay_topic(
+    settings: Settings,
+    collection: str,
+    *,
+    embedder: Path | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    idle_gaps: bool = True,
+    chunk: int = 256,
+    allow_existing: bool = False,
+) -> ReplayReport:
+    """Rebuild memory from the raw-turn topic into ``collection``; see the module docstring."""
+    from streams.pipeline import EmbeddedPipeline
+
+    kafka = settings.kafka
+    if not await broker_available(kafka.bootstrap_servers):
+        raise BrokerUnavailable(f"no Kafka broker answers at {kafka.bootstrap_servers}")
+    rs = replay_settings(settings, collection, embedder)
+    report = ReplayReport(collection=collection)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=f"{kafka.app_id}-replay",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    pipeline: EmbeddedPipeline | None = None
+    try:
+        topic = kafka.topics.raw_turns
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata of an unsubscribed topic
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise RuntimeError(f"topic {topic} does not exist at {kafka.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        report.end_offsets = {tp.partition: end[tp] for tp in tps}
+        total = sum(end[tp] - begin[tp] for tp in tps)
+        await consumer.seek_to_beginning(*tps)
+
+        pipeline = EmbeddedPipeline(rs)
+        if not allow_existing and pipeline.store.count() > 0:
+            raise CollectionNotEmpty(
+                f"collection {collection!r} already holds {pipeline.store.count()} memories: replay into a new one"
+            )
+        idle_ms = settings.stm.idle_timeout_s * 1000
+        last_ts: dict[str, int] = {}
+        pending: list[RawTurn] = []
+        users: set[str] = set()
+        memory_ids: dict[str, None] = {}
+
+        async def ingest() -> None:
+            if pending:
+                r = await pipeline.ingest(list(pending))
+                memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+                report.dead_letters += len(r.dead_letters)
+                pending.clear()
+
+        remaining = {tp for tp in tps if end[tp] > begin[tp]}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=chunk)
+            seen = 0
+            for tp, recs in batch.items():
+                for rec in recs:
+                    if rec.offset >= end[tp]:
+                        break
+                    seen += 1
+                    try:
+                        turn = RawTurn.model_validate_json(rec.value if rec.value is not None else b"")
+                    except ValidationError as exc:
+                        dl = message_dead_letter(rec, "ingest", validation_reason(exc), validation_kind(exc))
+                        pipeline.dead_letters.send(dl)
+                        report.dead_letters += 1
+                        continue
+                    if rec.key != key_of(turn.user_id):
+                        reason = f"record key {rec.key!r} is not the turn's user id {turn.user_id!r}"
+                        pipeline.dead_letters.send(message_dead_letter(rec, "ingest", reason, "KeyMismatch"))
+                        report.dead_letters += 1
+                        continue
+                    prev = last_ts.get(turn.user_id)
+                    if idle_gaps and prev is not None and rec.timestamp - prev >= idle_ms:
+                        await ingest()  # this user's earlier turns first, then the idle flush the worker did
+                        r = await pipeline.flush(turn.user_id)
+                        memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+                        report.dead_letters += len(r.dead_letters)
+                    last_ts[turn.user_id] = rec.timestamp
+                    users.add(turn.user_id)
+                    pending.append(turn)
+                    report.turns += 1
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+            if len(pending) >= chunk:
+                await ingest()
+            if progress is not None and seen:
+                progress(seen, total)
+        await ingest()
+        r = await pipeline.flush()
+        memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+        report.dead_letters += len(r.dead_letters)
+        report.users = len(users)
+        report.memory_ids = list(memory_ids)
+        log.info(
+            "replayed %d turns of %d users into %s: %d memories",
+            report.turns,
+            report.users,
+            collection,
+            len(memory_ids),
+        )
+        return report
+    finally:
+        await consumer.stop()
+        if pipeline is not None:
+            await pipeline.aclose()
