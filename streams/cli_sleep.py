@@ -43,13 +43,26 @@ def compact(
         list[str] | None, typer.Option("--user", "-u", help="compact only this user (repeatable); default: all")
     ] = None,
     full: Annotated[bool, typer.Option(help="ignore the watermarks: examine every memory again")] = False,
+    kafka: Annotated[
+        bool,
+        typer.Option(
+            "--kafka",
+            help="send compaction requests to the compaction topic (the sink process's compaction agent runs them)",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
-    """Run the sleep-time update now (embedded): new memories × their nearest earlier ones → update/delete/ignore."""
+    """Run the sleep-time update now: new memories × their nearest earlier ones → update/delete/ignore.
+
+    Embedded by default (this process opens the store); with --kafka, one request per user goes to the
+    compaction topic instead."""
     from streams.sleep import Compactor
 
     settings = _settings(data_dir)
+    if kafka:
+        _compact_via_kafka(settings, list(user or []), full, as_json)
+        return
     t0 = time.perf_counter()
     store, encoder = _open_store(settings)
     try:
@@ -101,6 +114,33 @@ def compact(
     if report.dead_letters:
         err.print(f"[yellow]{len(report.dead_letters)} dead letters in {settings.data_dir / 'dead_letters.jsonl'}[/]")
     console.print(_cost_table({"compaction": report.cost}, time.perf_counter() - t0))
+
+
+def _compact_via_kafka(settings, users: list[str], full: bool, as_json: bool) -> None:  # noqa: ANN001
+    from streams.kafka.topics import BrokerUnavailable
+    from streams.sleep.kafka_agent import produce_requests
+
+    if full:
+        fail("--full is embedded only (the agent owns the watermarks)")
+    if not users:
+        if not settings.store.url:
+            fail("with --kafka name the users (--user U ...): the embedded store belongs to the sink process")
+        store, _ = _open_store(settings)  # a Qdrant server: any process may read it
+        try:
+            users = store.users()
+        finally:
+            store.close()
+    try:
+        requests = asyncio.run(produce_requests(settings, users))
+    except BrokerUnavailable as e:
+        fail(f"{e} (start one with: lightmem kafka up)")
+    if as_json:
+        print(json.dumps({"requests": [r.model_dump(mode="json") for r in requests]}))
+        return
+    console.print(
+        f"sent {len(requests)} compaction request(s) to {settings.kafka.topics.compaction_requests} "
+        f"for: {', '.join(r.user_id for r in requests)}"
+    )
 
 
 async def _run(compactor, users, full, after):  # noqa: ANN001, ANN202

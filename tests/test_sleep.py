@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -584,3 +585,131 @@ def test_decider_is_offline_without_base_url() -> None:
     d = Decider(Settings().llm, SleepSettings(), "pv")
     assert d.offline and d.name == "offline-rule"
     assert isinstance(MemoryChange, type)
+
+
+# == Kafka: requests, the nightly schedule, and the agent through a real broker ================================
+
+
+def test_nightly_schedule_and_requests() -> None:
+    from streams.sleep.kafka_agent import active_users, compaction_request, cron_format, last_slot
+
+    sleep = SleepSettings(cron_time="03:30", timezone="Europe/Berlin")
+    assert cron_format(sleep) == "30 3 * * *"
+    before = datetime(2024, 7, 2, 1, 0, tzinfo=UTC)  # 03:00 in Berlin (CEST): before today's 03:30
+    after = datetime(2024, 7, 2, 2, 0, tzinfo=UTC)  # 04:00 in Berlin
+    assert last_slot(before, sleep).isoformat() == "2024-07-01T03:30:00+02:00"
+    assert last_slot(after, sleep).isoformat() == "2024-07-02T03:30:00+02:00"
+    assert last_slot(datetime(2024, 1, 2, 2, 30, tzinfo=UTC), sleep).isoformat() == "2024-01-02T03:30:00+01:00"
+    a, b = compaction_request("alice", "nightly:x"), compaction_request("alice", "nightly:x")
+    assert a.request_id == b.request_id != compaction_request("alice", "nightly:y").request_id
+    assert a.watermark is None and a.user_id == "alice"
+    assert active_users({"alice": 10.0, "bob": 5.0, "carol": 11.0}, 9.0) == ["alice", "carol"]
+
+
+def test_locked_store_serialises_calls() -> None:
+    from streams.sleep.kafka_agent import LockedStore
+
+    class Fake:
+        dim = 3
+
+        def count(self, user_id: str | None = None) -> int:
+            assert locked._lock._is_owned()  # type: ignore[attr-defined]
+            return 7
+
+    locked = LockedStore(Fake())  # type: ignore[arg-type]
+    assert locked.count("u") == 7 and locked.dim == 3
+
+
+def _kafka_settings(tmp_path: Path, server: LLMServer) -> Settings:
+    import os
+    import uuid
+
+    from streams.settings import KafkaSettings, KafkaTopics
+
+    suffix = uuid.uuid4().hex[:8]
+    topics = KafkaTopics(**{k: f"test-sleep-{suffix}.{v}" for k, v in KafkaTopics().model_dump().items()})
+    kafka = KafkaSettings(
+        bootstrap_servers=os.environ.get("LIGHTMEM_KAFKA__BOOTSTRAP_SERVERS", KafkaSettings().bootstrap_servers),
+        app_id=f"test-sleep-{suffix}",
+        partitions=2,
+        topics=topics,
+    )
+    return settings_for(tmp_path, server).model_copy(update={"kafka": kafka})
+
+
+async def _wait(cond: Callable[[], Any], timeout_s: float = 90.0, what: str = "") -> None:
+    from aiokafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if await cond():
+                return
+        except KafkaError:  # e.g. no group coordinator yet on a fresh broker
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> None:  # noqa: ANN001
+    from streams.kafka.topics import broker_available, consumer_lag, delete_topics, end_offsets, sink_group_id
+    from streams.ltm import open_store
+    from streams.sleep.kafka_agent import compaction_group_id, produce_requests, run_sink_with_compaction
+
+    settings = _kafka_settings(tmp_path, compaction_llm.server)
+    k = settings.kafka
+    if not run(broker_available(k.bootstrap_servers, timeout_s=10.0)):
+        pytest.fail(f"no Kafka broker at {k.bootstrap_servers}: start one with `lightmem kafka up`", pytrace=False)
+    store = open_store(settings.store, encoder.dim)
+    old, new = mem("alice", "Alice has a cat named Miso.", 0, 0), mem("alice", "Alice has a cat called Miso.", 1, 2)
+    put(store, encoder, [old, new, mem("bob", "Bob has a cat named Miso.", 0, 0)])
+    store.close()
+    compaction_llm.policy = lambda n, older: [{"id": a, "action": "delete", "reason": "dup"} for a, _, _ in older]
+
+    async def scenario() -> Any:
+        stop = asyncio.Event()
+        owner = asyncio.create_task(run_sink_with_compaction(settings, stop=stop))
+        try:
+            (first,) = await produce_requests(settings, ["alice"], slot="nightly:1")
+
+            async def changes_applied() -> bool:
+                ends = await end_offsets(k, [k.topics.memory_changes])
+                lag = await consumer_lag(k, sink_group_id(k), [k.topics.memory_changes])
+                return sum(ends.values()) >= 2 and lag[k.topics.memory_changes] == 0
+
+            await _wait(changes_applied, what="the changes to be produced and applied")
+            calls = len(compaction_llm.server.requests)
+            # the same request again (a crontab firing twice) and a new one with nothing new: no LLM call
+            await produce_requests(settings, ["alice"], slot="nightly:1")
+            await produce_requests(settings, ["alice"], slot="nightly:2")
+
+            async def requests_done() -> bool:
+                lag = await consumer_lag(k, compaction_group_id(settings), [k.topics.compaction_requests])
+                return lag[k.topics.compaction_requests] == 0
+
+            await _wait(requests_done, what="the compaction requests to be handled")
+            assert len(compaction_llm.server.requests) == calls == 1
+        finally:
+            stop.set()
+            result = await owner
+        return first, result
+
+    try:
+        first, (sink_stats, agent_stats) = run(scenario())
+    finally:
+        run(delete_topics(k, list(k.topics.model_dump().values())))
+    assert agent_stats.requests == 3 and agent_stats.duplicates == 1 and agent_stats.users == 2
+    assert agent_stats.changes == 2 and sink_stats.changes == 2
+    store = open_store(settings.store, encoder.dim)
+    try:
+        assert store.get("alice", [old.memory_id]) == []
+        (kept,) = store.get("alice", [new.memory_id])
+        assert set(kept.source_turn_ids) == set(old.source_turn_ids) | set(new.source_turn_ids) and kept.version == 2
+        assert len(store.get_all("bob")) == 1  # only alice was asked for
+    finally:
+        store.close()
+    assert Watermarks.in_dir(settings.data_dir).get("alice") == new.updated_at
+    assert not (settings.data_dir / "memory_changes.jsonl").exists()  # Kafka: the topic is the change log

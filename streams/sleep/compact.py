@@ -303,7 +303,8 @@ class Compactor:
         self.settings = settings
         self.store = store
         self.embed = embed
-        self.changelog = changelog if changelog is not None else ChangeLog.in_dir(settings.data_dir)
+        # embedded: the change log is where changes go; with ``emit`` (Kafka) the topic is, and no log is kept
+        self.changelog = changelog if changelog is not None or emit is not None else ChangeLog.in_dir(settings.data_dir)
         self.watermarks = watermarks if watermarks is not None else Watermarks.in_dir(settings.data_dir)
         self.dead_letters = dead_letters or DeadLetterLog(settings.data_dir / "dead_letters.jsonl")
         self.decider = decider or Decider(settings.llm, settings.sleep, settings.pipeline_version)
@@ -326,6 +327,7 @@ class Compactor:
         if self._emit is not None:
             await self._emit(changes)
             return
+        assert self.changelog is not None
         self.changelog.append(changes)  # logged first: a crash before applying is repaired on the next run
         self._pending.setdefault(changes[0].user_id, []).extend(changes)
 
@@ -337,7 +339,7 @@ class Compactor:
 
     def _recover(self, user_id: str) -> int:
         """Embedded: re-apply the user's changes logged after its last completed run (idempotent)."""
-        if self._emit is not None:
+        if self._emit is not None or self.changelog is None:
             return 0
         done = self.watermarks.completed_at(user_id)
         pending = [c for c in self.changelog.for_user(user_id) if done is None or c.at > done]
