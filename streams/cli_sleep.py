@@ -272,6 +272,7 @@ def revert(
 def forget(
     user: Annotated[str | None, typer.Option("--user", "-u", help="the user to erase (required)")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    kafka: Annotated[bool, typer.Option("--kafka", help="send an erase_user command to the control topic")] = False,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Erase a user: memories, buffered turns, session counters, change log entries, watermark, dead letters."""
@@ -283,6 +284,16 @@ def forget(
     if not yes:
         typer.confirm(f"erase everything stored about user {user!r}?", abort=True)
     settings = _settings(data_dir)
+    if kafka:
+        from streams.kafka.topics import BrokerUnavailable
+        from streams.sleep.kafka_agent import produce_erasure
+
+        try:
+            rec = asyncio.run(produce_erasure(settings, user))
+        except BrokerUnavailable as e:
+            fail(f"{e} (start one with: lightmem kafka up)")
+        console.print(f"sent erase_user for {user!r} to {settings.kafka.topics.control} at {rec.requested_at:%c}")
+        return
     with memory(settings) as m:
         r = erase_user(m, user)
     console.print(

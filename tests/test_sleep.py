@@ -657,7 +657,12 @@ async def _wait(cond: Callable[[], Any], timeout_s: float = 90.0, what: str = ""
 def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> None:  # noqa: ANN001
     from streams.kafka.topics import broker_available, consumer_lag, delete_topics, end_offsets, sink_group_id
     from streams.ltm import open_store
-    from streams.sleep.kafka_agent import compaction_group_id, produce_requests, run_sink_with_compaction
+    from streams.sleep.kafka_agent import (
+        compaction_group_id,
+        produce_erasure,
+        produce_requests,
+        run_sink_with_compaction,
+    )
 
     settings = _kafka_settings(tmp_path, compaction_llm.server)
     k = settings.kafka
@@ -692,24 +697,50 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
             await _wait(requests_done, what="the compaction requests to be handled")
             assert len(compaction_llm.server.requests) == calls == 1
+            assert Watermarks.in_dir(settings.data_dir).get("alice") == new.updated_at
+            # erasure through the control topic: bob's data stays
+            await produce_erasure(settings, "alice")
+
+            async def erased() -> bool:
+                lag = await consumer_lag(k, compaction_group_id(settings), [k.topics.control])
+                return lag[k.topics.control] == 0
+
+            await _wait(erased, what="the erase_user command to be handled")
         finally:
             stop.set()
             result = await owner
         return first, result
 
+    async def read_changes() -> list[MemoryChange]:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            k.topics.memory_changes, bootstrap_servers=k.bootstrap_servers, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            got = await consumer.getmany(timeout_ms=5000)
+            return [MemoryChange.model_validate_json(r.value) for recs in got.values() for r in recs]
+        finally:
+            await consumer.stop()
+
     try:
         first, (sink_stats, agent_stats) = run(scenario())
+        changes = run(read_changes())
     finally:
         run(delete_topics(k, list(k.topics.model_dump().values())))
+    assert sorted(c.action for c in changes) == ["delete", "update"]
+    (absorb,) = [c for c in changes if c.action == "update"]
+    assert absorb.memory_id == new.memory_id and absorb.new_record is not None
+    assert set(absorb.new_record.source_turn_ids) == set(old.source_turn_ids) | set(new.source_turn_ids)
+    assert [c.old_record for c in changes if c.action == "delete"] == [old]
     assert agent_stats.requests == 3 and agent_stats.duplicates == 1 and agent_stats.users == 2
-    assert agent_stats.changes == 2 and sink_stats.changes == 2
+    assert agent_stats.changes == 2 and sink_stats.changes == 2 and agent_stats.erased == 1
     store = open_store(settings.store, encoder.dim)
     try:
-        assert store.get("alice", [old.memory_id]) == []
-        (kept,) = store.get("alice", [new.memory_id])
-        assert set(kept.source_turn_ids) == set(old.source_turn_ids) | set(new.source_turn_ids) and kept.version == 2
-        assert len(store.get_all("bob")) == 1  # only alice was asked for
+        assert store.get_all("alice") == [] and store.count("alice") == 0
+        assert len(store.get_all("bob")) == 1  # only alice was compacted and erased
     finally:
         store.close()
-    assert Watermarks.in_dir(settings.data_dir).get("alice") == new.updated_at
+    assert Watermarks.in_dir(settings.data_dir).get("alice") is None
     assert not (settings.data_dir / "memory_changes.jsonl").exists()  # Kafka: the topic is the change log

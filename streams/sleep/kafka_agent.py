@@ -24,6 +24,11 @@ Flow (topics from ``settings.kafka.topics``, all keyed by user id)::
 - **Apply**: the sink gets ``apply_changes=change_hook(embed)`` — the same ``streams.sleep.apply`` as embedded:
   updates re-embedded, deletes removed with the old record kept in the change, guarded by versions.
 
+- **Erasure** (``produce_erasure``, ``lightmem forget --kafka``): a ``ControlRecord`` ``erase_user`` on the control
+  topic; the agent (store owner) deletes the user's memories created before the command and their watermark.
+  The workers' buffered state is the worker's to drop; the memory-changes and dead-letter topics keep records
+  forever by configuration, so old texts of an erased user remain there (see the report on that).
+
 One store, two users of it in one process: the sink writes from its worker thread while the agent reads on the
 event loop, so both get the same ``LockedStore`` that serialises every call.
 """
@@ -46,7 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
-from schemas.records import CompactionRequest, DeadLetter, MemoryChange
+from schemas.records import CompactionRequest, ControlRecord, DeadLetter, MemoryChange
 from streams import ids
 from streams.cost import CostLedger
 from streams.ltm import MemoryStore
@@ -114,6 +119,22 @@ async def produce_requests(
     finally:
         await producer.stop()
     return requests
+
+
+async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
+    """``lightmem forget --kafka``: an ``erase_user`` command on the control topic (keyed by the user)."""
+    from streams.kafka.produce import make_producer
+    from streams.kafka.topics import dumps, ensure_topics, key_of
+
+    record = ControlRecord(action="erase_user", user_id=user_id, requested_at=datetime.now(UTC))
+    await ensure_topics(settings.kafka)
+    producer = make_producer(settings.kafka, client_id=f"{settings.kafka.app_id}-forget-cli")
+    await producer.start()
+    try:
+        await (await producer.send(settings.kafka.topics.control, value=dumps(record), key=key_of(user_id)))
+    finally:
+        await producer.stop()
+    return record
 
 
 # -- nightly crontab in the Faust worker -------------------------------------------------------------------
@@ -205,6 +226,7 @@ class AgentStats:
     users: int = 0
     changes: int = 0
     dead_letters: int = 0
+    erased: int = 0
 
 
 class CompactionAgent:
@@ -251,6 +273,7 @@ class CompactionAgent:
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
             self.kafka.topics.compaction_requests,
+            self.kafka.topics.control,
             bootstrap_servers=self.kafka.bootstrap_servers,
             group_id=self.group_id,
             client_id=self.group_id,
@@ -304,6 +327,28 @@ class CompactionAgent:
             await self._send(self.kafka.topics.dead_letters, [(key_of(d.key), dumps(d)) for d in letters])
             self.stats.dead_letters += len(letters)
 
+    async def _control(self, rec: ConsumerRecord) -> None:
+        """``erase_user``: the user's memories written before the command, and their watermark, are removed.
+
+        Only memories created at or before ``requested_at`` go, so a control topic replayed later (it is compacted:
+        the last command per user stays) never erases what a returning user said afterwards.
+        """
+        from streams.kafka.topics import message_dead_letter, validation_kind, validation_reason
+
+        if rec.value is None:
+            return  # a tombstone: the command was cleared
+        try:
+            cmd = ControlRecord.model_validate_json(rec.value)
+        except ValidationError as exc:
+            self._dead.send(message_dead_letter(rec, "control", validation_reason(exc), validation_kind(exc)))
+            return
+        doomed = [r.memory_id for r in self.store.get_all(cmd.user_id) if r.created_at <= cmd.requested_at]
+        if doomed:
+            self.store.delete(cmd.user_id, doomed)
+        self.compactor.watermarks.forget(cmd.user_id)
+        self.stats.erased += 1
+        log.info("erased user %s: %d memories (control record of %s)", cmd.user_id, len(doomed), cmd.requested_at)
+
     async def process(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
         """Handle a batch of requests (one user at a time, in order), then commit its offsets."""
         from streams.kafka.topics import message_dead_letter, validation_kind, validation_reason
@@ -311,6 +356,9 @@ class CompactionAgent:
         assert self._consumer is not None
         for records in batch.values():
             for rec in records:
+                if rec.topic == self.kafka.topics.control:
+                    await self._control(rec)
+                    continue
                 self.stats.requests += 1
                 try:
                     req = CompactionRequest.model_validate_json(rec.value if rec.value is not None else b"")
