@@ -582,9 +582,10 @@ def test_revert_refuses_an_ignore_and_a_changed_memory() -> None:
 
 
 def test_decider_is_offline_without_base_url() -> None:
-    d = Decider(Settings().llm, SleepSettings(), "pv")
+    from streams.settings import LLMSettings
+
+    d = Decider(LLMSettings(), SleepSettings(), "pv")
     assert d.offline and d.name == "offline-rule"
-    assert isinstance(MemoryChange, type)
 
 
 # == Kafka: requests, the nightly schedule, and the agent through a real broker ================================
@@ -661,7 +662,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
         compaction_group_id,
         produce_erasure,
         produce_requests,
-        run_sink_with_compaction,
+        run_store_owner,
     )
 
     settings = _kafka_settings(tmp_path, compaction_llm.server)
@@ -676,7 +677,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
     async def scenario() -> Any:
         stop = asyncio.Event()
-        owner = asyncio.create_task(run_sink_with_compaction(settings, stop=stop))
+        owner = asyncio.create_task(run_store_owner(settings, stop=stop))
         try:
             (first,) = await produce_requests(settings, ["alice"], slot="nightly:1")
 
@@ -744,3 +745,56 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
         store.close()
     assert Watermarks.in_dir(settings.data_dir).get("alice") is None
     assert not (settings.data_dir / "memory_changes.jsonl").exists()  # Kafka: the topic is the change log
+
+
+def test_nightly_crontab_emits_one_request_per_active_user() -> None:
+    from schemas.records import CompactionRequest, SensoryBufferState
+    from streams.kafka.app import SensoryRow
+    from streams.sleep.kafka_agent import install_crontab
+
+    class Topic:
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, bytes]] = []
+
+        async def send(self, key: bytes, value: bytes) -> Any:
+            self.sent.append((key, value))
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    class App:
+        def __init__(self) -> None:
+            self.out = Topic()
+            self.crons: list[tuple[str, Any]] = []
+
+        def topic(self, name: str, **kw: Any) -> Topic:
+            self.topic_name = name
+            return self.out
+
+        def crontab(self, spec: str, *, timezone: Any = None) -> Any:
+            return lambda fn: self.crons.append((spec, timezone)) or fn
+
+    now = time.time()
+    rows = {
+        "alice": SensoryRow(SensoryBufferState(user_id="alice"), seen_at=now - 60),  # active today
+        "bob": SensoryRow(SensoryBufferState(user_id="bob"), seen_at=now - 5 * 86400),  # quiet for days
+    }
+
+    class Shell:
+        settings = Settings(sleep=SleepSettings(cron_time="03:00", timezone="UTC"))
+        app = App()
+        sensory_table = {u.encode(): r.dump() for u, r in rows.items()}
+
+        def _user_keys(self, table: dict[bytes, bytes]) -> list[bytes]:
+            return list(table)
+
+    shell = Shell()
+    install_crontab(shell)
+    assert shell.app.crons == [("0 3 * * *", shell.app.crons[0][1])] and str(shell.app.crons[0][1]) == "UTC"
+    assert shell.app.topic_name == shell.settings.kafka.topics.compaction_requests
+    first = run(shell.nightly_compaction())  # type: ignore[attr-defined]
+    again = run(shell.nightly_compaction())  # type: ignore[attr-defined]
+    assert [r.user_id for r in first] == ["alice"]
+    assert [r.request_id for r in again] == [r.request_id for r in first]  # a second fire asks the same
+    key, value = shell.app.out.sent[0]
+    assert key == b"alice" and CompactionRequest.model_validate_json(value) == first[0]

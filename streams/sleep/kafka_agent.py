@@ -15,12 +15,12 @@ Flow (topics from ``settings.kafka.topics``, all keyed by user id)::
   previous scheduled run less the STM idle timeout (the sensory table's ``seen_at``) — the users who may have
   memories newer than their watermark; a request for a user with nothing new costs a payload scan, no LLM call.
 - **CompactionAgent** consumes the requests (consumer group ``<app_id>-compaction``, manual commits) in the
-  process that owns the store — the LTM sink's (``run_sink_with_compaction``), since the embedded engine has one
-  owner and workers never open Qdrant. Per request: ``Compactor.compact_user`` (the same code as embedded), whose
-  changes are produced to the memory-changes topic and acknowledged by Kafka before the user's watermark moves
-  (a local file under ``settings.data_dir``, as embedded); decision dead letters go to the dead-letter topic; the
-  request's offset is committed after that. A crash re-delivers the request: the user is redone, with the same
-  change ids, and the sink's version-guarded apply makes a repeated change harmless.
+  process that owns the store — the LTM sink's (``run_sink_with_compaction``, a drop-in for ``run_sink``), since
+  the embedded engine has one owner and workers never open Qdrant. Per request: ``Compactor.compact_user`` (the
+  same code as embedded), whose changes are produced to the memory-changes topic and acknowledged by Kafka before
+  the user's watermark moves (a local file under ``settings.data_dir``, as embedded); decision dead letters go to
+  the dead-letter topic; the request's offset is committed after that. A crash re-delivers the request: the user
+  is redone, with the same change ids, and the sink's version-guarded apply makes a repeated change harmless.
 - **Apply**: the sink gets ``apply_changes=change_hook(embed)`` — the same ``streams.sleep.apply`` as embedded:
   updates re-embedded, deletes removed with the old record kept in the change, guarded by versions.
 
@@ -43,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -390,14 +391,20 @@ class CompactionAgent:
 # -- the store owner's process: sink + agent ----------------------------------------------------------------
 
 
-async def run_sink_with_compaction(
+async def run_store_owner(
     settings: Settings,
     *,
     stop: asyncio.Event | None = None,
     idle_exit_s: float | None = None,
+    max_records: int = 256,
+    timeout_ms: int = 500,
+    heartbeat: Path | None = None,
     decider: Decider | None = None,
 ) -> tuple[Any, AgentStats]:
-    """The LTM sink (applying memory changes with ``change_hook``) and the compaction agent over ONE store."""
+    """The LTM sink (applying memory changes with ``change_hook``) and the compaction agent over ONE store.
+
+    Both stop on ``stop``; when one of them ends (``idle_exit_s``, an error) the other is stopped too.
+    """
     from streams.encoder import load_encoder
     from streams.kafka.sink import LTMSink
     from streams.ltm import open_store
@@ -408,17 +415,48 @@ async def run_sink_with_compaction(
     raw_store = open_store(settings.store, encoder.dim)
     store: Any = LockedStore(raw_store)
     embed = EmbeddingCache(encoder.embed, encoder.dim)
-    sink = LTMSink(settings, store, embed, apply_changes=change_hook(embed))
+    sink = LTMSink(
+        settings, store, embed, apply_changes=change_hook(embed), max_records=max_records, timeout_ms=timeout_ms
+    )
     agent = CompactionAgent(settings, store, decider=decider)
     stop = stop or asyncio.Event()
     try:
         await sink.start()
         await agent.start()
-        sink_stats, agent_stats = await asyncio.gather(
-            sink.run(stop, idle_exit_s=idle_exit_s), agent.run(stop, idle_exit_s=idle_exit_s)
-        )
+        tasks = [
+            asyncio.create_task(sink.run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat)),
+            asyncio.create_task(agent.run(stop, idle_exit_s=idle_exit_s)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.set()
+            await asyncio.wait(tasks)
+        sink_stats, agent_stats = (t.result() for t in tasks)
+        log.info("compaction agent stopped: %s", agent_stats)
         return sink_stats, agent_stats
     finally:
         await agent.stop()
         await sink.stop()
         raw_store.close()
+
+
+async def run_sink_with_compaction(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    idle_exit_s: float | None = None,
+    max_records: int = 256,
+    timeout_ms: int = 500,
+    heartbeat: Path | None = None,
+) -> Any:
+    """Drop-in for ``streams.kafka.sink.run_sink``: the sink and the compaction agent; returns the sink's stats."""
+    sink_stats, _ = await run_store_owner(
+        settings,
+        stop=stop,
+        idle_exit_s=idle_exit_s,
+        max_records=max_records,
+        timeout_ms=timeout_ms,
+        heartbeat=heartbeat,
+    )
+    return sink_stats
