@@ -181,7 +181,7 @@ def sink(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Run the LTM sink: summaries → memories → the store (the single owner of the local Qdrant storage)."""
-    from streams.kafka.sink import run_sink
+    from streams.sleep.kafka_agent import run_sink_with_compaction as run_sink  # + the sleep-time agent
 
     settings = _settings(data_dir)
     _logging(loglevel.value)

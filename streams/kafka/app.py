@@ -499,4 +499,8 @@ class Shell:
 
 def create_shell(settings: Settings, stages: Stages | None = None, **kwargs: Any) -> Shell:
     """Build the worker app around loaded stages (loading them from settings when not given)."""
-    return Shell(settings, stages or Stages(settings), **kwargs)
+    from streams.sleep.kafka_agent import install_crontab  # the nightly sleep-time requests
+
+    shell = Shell(settings, stages or Stages(settings), **kwargs)
+    install_crontab(shell)
+    return shell
