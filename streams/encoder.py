@@ -32,6 +32,9 @@ class Encoder:
 
     def __init__(self, model_path: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars would clutter CLI output
 
         path = Path(model_path)
         if not path.exists():
