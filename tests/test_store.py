@@ -186,6 +186,49 @@ def test_time_range_and_kinds(store: MemoryStore) -> None:
     assert ids(kinds=["fact"], time_to=T0 + timedelta(hours=1)) == {day[0]}
 
 
+def test_get_all_updated_after_and_kinds(store: MemoryStore) -> None:
+    from streams.ltm import sparse
+    from streams.ltm.base import to_payload
+
+    records, vecs, _ = corpus()  # updated_at = created_at = T0 + i minutes
+    span = rec("alice", 10, "A week-long conference in Lisbon", kind="summary", day=-3, days=7)
+    rewritten = records[1].model_copy(update={"version": 2, "updated_at": T0 + timedelta(hours=5)})
+    bob = rec("bob", 7, "Bob's memory, updated late", day=1).model_copy(update={"updated_at": T0 + timedelta(hours=9)})
+    store.upsert(
+        [*records[:1], rewritten, *records[2:], span, bob], np.concatenate([vecs, unit((6, 1.0))[None], vecs[:1]])
+    )
+    # a point written before ``updated_ts`` was stored: no such payload field; it must still filter correctly
+    legacy = rec("alice", 20, "Written by an older version", day=2)
+    old_payload = {k: v for k, v in to_payload(legacy).items() if k != "updated_ts"}
+    store._write([legacy.memory_id], vecs[:1], [sparse.document_vector(legacy.text)], [old_payload])  # type: ignore[attr-defined]
+    everything = sorted(
+        [*records[:1], rewritten, *records[2:], span, legacy], key=lambda r: (r.created_at, r.memory_id)
+    )
+    assert store.get_all("alice") == everything
+
+    def got(**kw: object) -> list[str]:
+        return [r.memory_id for r in store.get_all("alice", **kw)]  # type: ignore[arg-type]
+
+    mid = [r.memory_id for r in records]
+    assert got(updated_after=T0 + timedelta(minutes=3)) == [mid[1], mid[4], mid[5], span.memory_id, legacy.memory_id]
+    assert got(updated_after=T0 + timedelta(minutes=3), kinds=["fact"]) == [mid[1], mid[4], mid[5], legacy.memory_id]
+    assert got(updated_after=T0 + timedelta(minutes=10)) == [mid[1], legacy.memory_id]  # strictly after: span out
+    assert got(updated_after=T0 + timedelta(minutes=20)) == [mid[1]]  # the legacy point is checked by updated_at
+    assert got(updated_after=T0 + timedelta(hours=5)) == []
+    assert got(kinds=["summary"]) == [span.memory_id]
+    assert got(kinds=[]) == []
+    assert got(updated_after=T0 + timedelta(minutes=3), limit=2) == [mid[1], mid[4]]  # order kept, then cut
+    assert store.get_all("bob", updated_after=T0 + timedelta(hours=5)) == [bob]
+
+
+def test_edge_indexes_updated_ts(tmp_path: Path) -> None:
+    s = make("edge", tmp_path)
+    try:
+        assert "updated_ts" in s._shard.info().payload_schema  # type: ignore[attr-defined]
+    finally:
+        s.close()
+
+
 def test_delete_and_delete_user(store: MemoryStore) -> None:
     a, vecs, _ = corpus("alice")
     b, _, _ = corpus("bob")
@@ -272,6 +315,18 @@ def test_congruence_reads(both_backends: dict[str, MemoryStore]) -> None:
     assert edge.users() == local.users() == ["u1", "u2", "u3"]
     assert edge.count() == local.count() == 115
     assert edge.get_all("u2") == local.get_all("u2")
+
+
+def test_get_all_filters_congruent(both_backends: dict[str, MemoryStore]) -> None:
+    edge, local = both_backends["edge"], both_backends["local"]
+    for user in ("u1", "u2", "u3"):
+        for minutes in (None, 0, 17, 39, 40):
+            after = None if minutes is None else T0 + timedelta(minutes=minutes)
+            for kinds in (None, ["fact"], ["summary"], ["fact", "summary"]):
+                a = edge.get_all(user, updated_after=after, kinds=kinds)
+                assert a == local.get_all(user, updated_after=after, kinds=kinds)
+                full = [r for r in edge.get_all(user) if (after is None or r.updated_at > after)]
+                assert a == [r for r in full if kinds is None or r.kind in kinds]
 
 
 # -- server backend (needs a running Qdrant) ----------------------------------------------

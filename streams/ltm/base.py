@@ -24,7 +24,8 @@ from streams.settings import StoreSettings
 SearchMode = Literal["hybrid", "dense", "sparse"]
 DENSE = "dense"
 SPARSE = "bm25"
-DERIVED_FIELDS = ("event_ts_min", "event_ts_max")
+DERIVED_FIELDS = ("event_ts_min", "event_ts_max", "updated_ts")
+UPDATED_TS = "updated_ts"  # epoch seconds of ``updated_at``: the engine-side filter behind ``get_all(updated_after=)``
 TIE_SLACK = 8  # extra candidates fetched so equal-score hits at the cut are chosen by id, not engine order
 
 
@@ -57,7 +58,14 @@ class MemoryStore(Protocol):
 
     def get(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryRecord]: ...
 
-    def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]: ...
+    def get_all(
+        self,
+        user_id: str,
+        limit: int | None = None,
+        *,
+        updated_after: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[MemoryRecord]: ...
 
     def get_vectors(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
 
@@ -81,6 +89,9 @@ class Scope:
     ts_to: float | None = None
     kinds: tuple[str, ...] | None = None
     ids: tuple[str, ...] | None = None
+    # updated_ts > this, or no updated_ts at all (points written before the field existed): a superset that
+    # ``BaseStore.get_all`` narrows exactly in Python
+    updated_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ def to_payload(record: MemoryRecord) -> dict[str, Any]:
     stamps = [t.timestamp() for t in record.event_timestamps]
     payload["event_ts_min"] = min(stamps)
     payload["event_ts_max"] = max(stamps)
+    payload[UPDATED_TS] = record.updated_at.timestamp()
     return payload
 
 
@@ -221,12 +233,35 @@ class BaseStore(ABC):
         found = {pid: from_payload(p) for pid, p, _ in self._fetch(Scope(user, ids=ids), False)}
         return [found[m] for m in ids if m in found]
 
-    def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
+    def get_all(
+        self,
+        user_id: str,
+        limit: int | None = None,
+        *,
+        updated_after: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[MemoryRecord]:
+        """The user's memories ordered by (created_at, memory_id), optionally only those with
+        ``updated_at > updated_after`` and of ``kinds`` — both filtered by the engine (payload indexes on the
+        edge and server backends), so the cost follows what is returned, not the user's whole store.
+
+        Points written before ``updated_ts`` was stored lack it; the engine passes them through and they are
+        checked here against their ``updated_at`` (correct, just not indexed — any rewrite of the point, e.g. a
+        ``lightmem replay``, adds the field).
+        """
         user = require_user(user_id, "get_all")
-        records = sorted(
-            (from_payload(p) for _, p, _ in self._fetch(Scope(user), False)), key=lambda r: (r.created_at, r.memory_id)
+        if kinds is not None and not kinds:
+            return []
+        scope = Scope(
+            user,
+            kinds=tuple(kinds) if kinds is not None else None,
+            updated_after=updated_after.timestamp() if updated_after is not None else None,
         )
-        return records if limit is None else records[:limit]
+        records = (from_payload(p) for _, p, _ in self._fetch(scope, False))
+        if updated_after is not None:
+            records = (r for r in records if r.updated_at > updated_after)
+        out = sorted(records, key=lambda r: (r.created_at, r.memory_id))
+        return out if limit is None else out[:limit]
 
     def get_vectors(self, user_id: str, memory_ids: Sequence[str]) -> dict[str, np.ndarray]:
         user = require_user(user_id, "get_vectors")

@@ -10,7 +10,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, BaseStore, Hit, Scope
+from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope
 from streams.settings import StoreSettings
 
 BATCH = 256
@@ -30,6 +30,15 @@ def _scope_filter(scope: Scope) -> models.Filter:
         must.append(models.FieldCondition(key="kind", match=models.MatchAny(any=list(scope.kinds))))
     if scope.ids is not None:
         must.append(models.HasIdCondition(has_id=list(scope.ids)))
+    if scope.updated_after is not None:  # newer, or written before updated_ts existed (checked in Python)
+        must.append(
+            models.Filter(
+                should=[
+                    models.FieldCondition(key=UPDATED_TS, range=models.Range(gt=scope.updated_after)),
+                    models.IsEmptyCondition(is_empty=models.PayloadField(key=UPDATED_TS)),
+                ]
+            )
+        )
     return models.Filter(must=must)
 
 
@@ -57,21 +66,25 @@ class ClientStore(BaseStore):
             size = params[DENSE].size if isinstance(params, dict) and DENSE in params else None
             if size != self.dim:
                 raise ValueError(f"collection {self.collection!r} has dense size {size}, expected {self.dim}")
-            return
-        c.create_collection(
-            self.collection,
-            vectors_config={DENSE: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)},
-            sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
-        )
+            have = set(info.payload_schema or {})
+        else:
+            c.create_collection(
+                self.collection,
+                vectors_config={DENSE: models.VectorParams(size=self.dim, distance=models.Distance.COSINE)},
+                sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+            )
+            have = set()
         if self.server:  # local mode has no payload indexes (it warns and ignores them)
             indexes: dict[str, Any] = {
                 "user_id": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True),
                 "kind": models.PayloadSchemaType.KEYWORD,
                 "event_ts_min": models.PayloadSchemaType.FLOAT,
                 "event_ts_max": models.PayloadSchemaType.FLOAT,
+                UPDATED_TS: models.PayloadSchemaType.FLOAT,
             }
-            for field, schema in indexes.items():
-                c.create_payload_index(self.collection, field, field_schema=schema, wait=True)
+            for field, schema in indexes.items():  # an older collection gets the indexes it lacks
+                if field not in have:
+                    c.create_payload_index(self.collection, field, field_schema=schema, wait=True)
 
     # -- primitives -------------------------------------------------------------------
     def _write(

@@ -11,7 +11,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, BaseStore, Hit, Scope
+from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope
 from streams.settings import StoreSettings
 
 BATCH = 512
@@ -27,6 +27,15 @@ def _scope_filter(scope: Scope) -> qe.Filter:
         must.append(qe.FieldCondition("kind", match=qe.MatchAny(list(scope.kinds))))
     if scope.ids is not None:
         must.append(qe.HasIdCondition(set(scope.ids)))
+    if scope.updated_after is not None:  # newer, or written before updated_ts existed (checked in Python)
+        must.append(
+            qe.Filter(
+                should=[
+                    qe.FieldCondition(UPDATED_TS, range=qe.RangeFloat(gt=scope.updated_after)),
+                    qe.IsEmptyCondition(UPDATED_TS),
+                ]
+            )
+        )
     return qe.Filter(must=must)
 
 
@@ -60,6 +69,7 @@ class EdgeStore(BaseStore):
             "kind": qe.PayloadSchemaType.Keyword,
             "event_ts_min": qe.PayloadSchemaType.Float,
             "event_ts_max": qe.PayloadSchemaType.Float,
+            UPDATED_TS: qe.PayloadSchemaType.Float,
         }
         for field, schema in wanted.items():
             if field not in have:

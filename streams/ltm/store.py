@@ -5,7 +5,8 @@
 - ``server`` — a Qdrant server at ``settings.url`` (setting ``url`` forces this backend).
 
 Every point's id is the memory id; its payload is the ``MemoryRecord`` (json mode) plus
-``event_ts_min``/``event_ts_max`` (epoch seconds) for time-range filters. Each point carries a
+``event_ts_min``/``event_ts_max`` (epoch seconds) for time-range filters and ``updated_ts`` (epoch seconds of
+``updated_at``) for ``get_all(updated_after=...)``. Each point carries a
 dense vector (``dense``, cosine) and a BM25 sparse vector (``bm25``, IDF applied by the engine
 over the user's own memories). Hybrid search fuses both with reciprocal rank fusion in Python,
 so every backend returns the same ranking by construction.

@@ -4,7 +4,9 @@
 memories of a compacted kind (``sleep.kinds``, default facts only) that came from ingestion after the watermark:
 ``updated_at > watermark`` and ``version == 1`` (ingestion writes version 1; every sleep-time change bumps the
 version, so a memory rewritten by compaction is not new information and is never a target again — it remains a
-candidate for newer memories). The first run of a user (no watermark) considers all of them.
+candidate for newer memories). The first run of a user (no watermark) considers all of them. The store filters
+by watermark and kind itself (``get_all(updated_after=, kinds=)``, an indexed range on ``updated_ts``), so
+finding what is new costs what is new, not the size of the user's store; the version rule is applied here.
 
 **Candidates.** For each target, oldest first, a dense search filtered by the user (and the target's kind) finds
 its ``k`` nearest EARLIER memories: created strictly before the target, cosine similarity ≥
@@ -354,13 +356,16 @@ class Compactor:
         recovered = self._recover(user_id)
         mark = None if full else self.watermarks.get(user_id)
         t0 = time.perf_counter()
-        records = self.store.get_all(user_id)
+        # only what changed since the watermark, of a compacted kind: filtered by the store, not scanned here
+        records = self.store.get_all(user_id, updated_after=mark, kinds=sleep.kinds)
         targets = select_targets(records, mark, sleep.kinds)
         self.report.scan_seconds += time.perf_counter() - t0
         run = UserRun(user_id, mark, mark, targets=len(targets), recovered=recovered)
         cost = StageCost(stage="compaction", items=len(targets))
         if targets:
             vectors = self.store.get_vectors(user_id, [t.memory_id for t in targets])
+            # the not-earlier counts only size a search's first page (it deepens while hits fill it), so counting
+            # among the memories changed since the watermark rather than all of them changes no result
             created = sorted(r.created_at for r in records)
             overlay: dict[str, MemoryRecord | None] = {}
             for target in targets:
