@@ -374,18 +374,17 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> lis
     """Every record up to the end offsets at the start; raises if they cannot be read in ``timeout_s``."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from streams.kafka.topics import assign_and_refresh, partitions_of, stable_end_offsets
+
+    n = (await partitions_of(KafkaSettings(bootstrap_servers=bootstrap), [topic])).get(topic)
+    if not n:
+        raise LookupError(f"topic {topic} does not exist at {bootstrap}")
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        end = await consumer.end_offsets(tps)
+        tps = [TopicPartition(topic, p) for p in range(n)]
+        await assign_and_refresh(consumer, tps)
+        end = await stable_end_offsets(consumer, tps)
         await consumer.seek_to_beginning(*tps)
         out: list[Any] = []
         remaining = {tp for tp in tps if end[tp] > 0}

@@ -77,6 +77,8 @@ log = logging.getLogger("streams.kafka.app")
 
 RECENT_SEGMENTS = 1024  # ids of batched segments remembered per user (re-emission guard)
 STATS_EVERY_S = 5.0
+GAP_ACCEPT_S = 10.0  # a gap still there this long after seeking back is accepted (log start moved)
+STALL_S = 3.0  # an agent idle this long while a partition of it is behind its end re-fetches that partition
 PROGRESS = b"\x00progress:"  # table keys of per-partition progress rows (user ids never start with NUL)
 
 
@@ -150,6 +152,7 @@ class WorkerStats:
     summaries: int = 0
     dead_letters: int = 0
     idle_flushes: int = 0
+    reseeks: int = 0
 
 
 class Shell:
@@ -179,6 +182,10 @@ class Shell:
         self.batch_within_s = batch_within_s
         self.stats = WorkerStats()
         self._last_stats, self._last_stats_at = "", 0.0
+        self._expected: dict[TP, int] = {}  # next offset per source partition (delivery order check)
+        self._sought: dict[TP, tuple[int, float]] = {}  # partitions sought back: (offset, when)
+        self._busy: dict[str, int] = defaultdict(int)  # events in progress per source topic
+        self._activity: dict[str, float] = defaultdict(time.monotonic)  # last start/end of an event
         self.ledger = CostLedger()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-cpu")
         self._locks: dict[bytes, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -216,6 +223,7 @@ class Shell:
         app.agent(self.raw_topic, name="sensory")(self._sensory_agent)
         app.agent(self.segments_topic, name="stm")(self._stm_agent)
         app.timer(self.tick_s, name="idle-flush")(self._idle_timer)
+        app.on_partitions_assigned.connect(self._on_assigned)
 
     def _table(self, name: str, help: str) -> UserTable:
         table = UserTable(
@@ -253,6 +261,52 @@ class Shell:
         p = partition_for(key, self.partitions)
         return TP(self.kafka.topics.raw_turns, p) in self.app.assignor.assigned_actives()
 
+    async def _in_order(self, msg: Any, table: UserTable) -> bool:
+        """Accept a delivery unless records before it in its partition never arrived.
+
+        Offsets of our topics are contiguous (no compaction, no transactional markers), so a delivery past
+        the next expected offset means the consumer dropped records: Faust discards a fetch that completes
+        during a rebalance and moves on. Then the partition is sought back to the expected offset and
+        deliveries past it are dropped until the re-fetch arrives (a redelivery at or below what a user's
+        row applied is skipped downstream). A gap still there ``GAP_ACCEPT_S`` after the seek is accepted:
+        the log start moved past it (retention).
+        """
+        tp = TP(msg.topic, msg.partition)
+        expected = self._expected.get(tp)
+        if expected is None:
+            expected = self._progress(table, msg.partition) + 1
+        if msg.offset <= expected:
+            if msg.offset == expected:
+                self._sought.pop(tp, None)
+            self._expected[tp] = max(expected, msg.offset + 1)
+            return True
+        now = time.monotonic()
+        sought = self._sought.get(tp)
+        if sought is not None and sought[0] == expected and now - sought[1] >= GAP_ACCEPT_S:
+            log.warning(
+                "partition %s[%d]: offsets %d..%d are gone; going on", tp.topic, tp.partition, expected, msg.offset - 1
+            )
+            self._sought.pop(tp, None)
+            self._expected[tp] = msg.offset + 1
+            return True
+        if sought is None or sought[0] != expected:
+            log.warning(
+                "partition %s[%d]: offset %d delivered while %d was expected (the consumer dropped records); "
+                "seeking back",
+                tp.topic,
+                tp.partition,
+                msg.offset,
+                expected,
+            )
+            self.stats.reseeks += 1
+            self._sought[tp] = (expected, now)
+            await self.app.consumer.seek(tp, expected)
+        return False
+
+    async def _on_assigned(self, *args: Any, **kwargs: Any) -> None:
+        self._expected.clear()
+        self._sought.clear()
+
     def _advance(self, table: UserTable, messages: Sequence[Any]) -> None:
         """Record the highest offset handled per partition (valid, skipped or dead-lettered alike)."""
         top: dict[int, int] = {}
@@ -286,15 +340,21 @@ class Shell:
 
     # -- sensory ------------------------------------------------------------------------------------
     async def _sensory_agent(self, stream: faust.StreamT) -> None:
-        batches = stream.take_events(self.batch_max, within=self.batch_within_s)  # type: ignore[attr-defined]
-        async for events in batches:
-            await self.handle_turns([e.message for e in events])
+        # One event at a time: Faust's take()/take_events() buffering was seen to leave a partition
+        # undelivered after a rebalance (records fetched, never handed to the agent).
+        async for event in stream.events():
+            if await self._in_order(event.message, self.sensory_table):
+                await self.handle_turns([event.message])
 
     async def handle_turns(self, messages: Sequence[Any]) -> None:
+        topic = self.kafka.topics.raw_turns
+        self._busy[topic] += 1
         try:
             await self._handle_turns(messages)
         finally:
             self._advance(self.sensory_table, messages)
+            self._busy[topic] -= 1
+            self._activity[topic] = time.monotonic()
 
     async def _handle_turns(self, messages: Sequence[Any]) -> None:
         parsed: list[tuple[RawTurn, Any]] = []
@@ -361,13 +421,18 @@ class Shell:
     # -- STM ----------------------------------------------------------------------------------------
     async def _stm_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await self.handle_segment(event.message)
+            if await self._in_order(event.message, self.stm_table):
+                await self.handle_segment(event.message)
 
     async def handle_segment(self, msg: Any) -> None:
+        topic = self.kafka.topics.segments
+        self._busy[topic] += 1
         try:
             await self._handle_segment(msg)
         finally:
             self._advance(self.stm_table, [msg])
+            self._busy[topic] -= 1
+            self._activity[topic] = time.monotonic()
 
     async def _handle_segment(self, msg: Any) -> None:
         try:
@@ -410,15 +475,52 @@ class Shell:
         if app.rebalancing or getattr(app, "in_recovery", False):
             return
         try:
+            await self.unstick_partitions(time.monotonic())
             await self.flush_idle(time.time())
         except Exception:
             log.exception("idle flush failed; retrying on the next tick")
+
+    async def unstick_partitions(self, now: float) -> None:
+        """Re-fetch a partition whose fetched records never reached the agent.
+
+        Faust drops the records of a fetch that completes while the consumer generation changes (a
+        rebalance) without seeking back, and still advances its read offset, so the partition sits
+        behind its end until the next rebalance. When an agent has been idle for ``STALL_S`` while one of
+        its partitions is behind its end offset, that partition is sought back to the first offset the
+        agent has not handled; the offset watermarks of the tables make a re-delivery harmless.
+        """
+        t = self.kafka.topics
+        tables = {t.raw_turns: self.sensory_table, t.segments: self.stm_table}
+        stalled = []
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic not in tables or self._busy[tp.topic] or now - self._activity[tp.topic] < STALL_S:
+                continue
+            hw = self._hw(tp.topic, tp.partition)
+            done = self._progress(tables[tp.topic], tp.partition)
+            if hw is not None and done < hw - 1:
+                stalled.append((tp, done, hw))
+        for tp, done, hw in stalled:
+            log.warning(
+                "partition %s[%d] stalled: handled up to offset %d of %d, agent idle for %.0f s; seeking back",
+                tp.topic,
+                tp.partition,
+                done,
+                hw - 1,
+                now - self._activity[tp.topic],
+            )
+            self.stats.reseeks += 1
+            self._expected.pop(tp, None)
+            await self.app.consumer.seek(tp, done + 1)
+        for tp, _, _ in stalled:
+            self._activity[tp.topic] = now
 
     def _log_stats(self) -> None:
         """An info line when the counters changed (at most every ``STATS_EVERY_S``): progress per partition."""
         now = time.monotonic()
         snapshot = repr(self.stats)
-        if snapshot == self._last_stats or now - self._last_stats_at < STATS_EVERY_S:
+        if now - self._last_stats_at < STATS_EVERY_S or (
+            snapshot == self._last_stats and now - self._last_stats_at < 30
+        ):
             return
         self._last_stats, self._last_stats_at = snapshot, now
         t = self.kafka.topics
@@ -427,7 +529,19 @@ class Shell:
             p: (self._progress(self.sensory_table, p), self._hw(t.raw_turns, p), self._progress(self.stm_table, p))
             for p in parts
         }
-        log.info("worker stats: %s; partition: (turn progress, turn end, segment progress) %s", snapshot, progress)
+        consumer = self.app.consumer
+        active = sorted(str(tp.partition) + tp.topic[-3:] for tp in getattr(consumer, "_active_partitions", None) or ())
+        paused = sorted(str(tp.partition) + tp.topic[-3:] for tp in getattr(consumer, "_paused_partitions", None) or ())
+        log.info(
+            "worker stats: %s; partition: (turn progress, turn end, segment progress) %s; active %s paused %s"
+            " flow_active=%s flow_control=%s",
+            snapshot,
+            progress,
+            active,
+            paused,
+            getattr(consumer, "flow_active", None),
+            getattr(self.app.flow_control, "is_active", lambda: None)(),
+        )
 
     def _hw(self, topic: str, partition: int) -> int | None:
         try:

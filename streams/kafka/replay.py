@@ -27,7 +27,17 @@ from pydantic import ValidationError
 from schemas.records import RawTurn
 from streams.settings import Settings
 
-from .topics import BrokerUnavailable, broker_available, key_of, message_dead_letter, validation_kind, validation_reason
+from .topics import (
+    BrokerUnavailable,
+    assign_and_refresh,
+    broker_available,
+    key_of,
+    message_dead_letter,
+    partitions_of,
+    stable_end_offsets,
+    validation_kind,
+    validation_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +91,13 @@ async def replay_topic(
     pipeline: EmbeddedPipeline | None = None
     try:
         topic = kafka.topics.raw_turns
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata of an unsubscribed topic
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
+        n = (await partitions_of(kafka, [topic])).get(topic)
+        if not n:
             raise RuntimeError(f"topic {topic} does not exist at {kafka.bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
+        tps = [TopicPartition(topic, p) for p in range(n)]
+        await assign_and_refresh(consumer, tps)
         begin = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
+        end = await stable_end_offsets(consumer, tps)
         report.end_offsets = {tp.partition: end[tp] for tp in tps}
         total = sum(end[tp] - begin[tp] for tp in tps)
         await consumer.seek_to_beginning(*tps)

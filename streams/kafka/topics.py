@@ -235,23 +235,50 @@ def sink_group_id(kafka: KafkaSettings) -> str:
     return f"{kafka.app_id}-ltm-sink"
 
 
+async def partitions_of(kafka: KafkaSettings, topics: Sequence[str]) -> dict[str, int]:
+    """Partition count of each existing topic, from the admin client's metadata request for those topics.
+
+    (An unsubscribed aiokafka consumer's ``partitions_for_topic`` is unreliable against Kafka 4: its
+    metadata requests name no topics, and an empty list means "none" in current protocol versions.)
+    """
+    return await topic_partition_counts(kafka, topics)
+
+
+async def assign_and_refresh(consumer: Any, tps: Sequence[Any]) -> None:
+    """Assign partitions to a group-less consumer and load their metadata before asking for offsets.
+
+    Without it, a fresh consumer's ``end_offsets`` for topics it has no metadata for can answer 0.
+    """
+    consumer.assign(list(tps))
+    await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata of the assigned topics, now
+
+
+async def stable_end_offsets(consumer: Any, tps: Sequence[Any], tries: int = 10) -> dict[Any, int]:
+    """End offsets, asked until two answers agree: a partition whose leadership is still settling (just
+    after the topic was created) can briefly answer 0."""
+    end = await consumer.end_offsets(list(tps))
+    for _ in range(tries):
+        await asyncio.sleep(0.1)
+        again = await consumer.end_offsets(list(tps))
+        if again == end:
+            break
+        end = {tp: max(end[tp], again[tp]) for tp in tps}
+    return dict(end)
+
+
 async def end_offsets(kafka: KafkaSettings, topics: Sequence[str]) -> dict[tuple[str, int], int]:
     """Log-end offset of every partition of the topics (those that exist)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    counts = await partitions_of(kafka, topics)
+    tps = [TopicPartition(t, p) for t in topics for p in range(counts.get(t, 0))]
+    if not tps:
+        return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps: list[TopicPartition] = []
-        for topic in topics:
-            parts = consumer.partitions_for_topic(topic)
-            if parts is None:
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - metadata for a topic not subscribed
-                parts = consumer.partitions_for_topic(topic)
-            tps.extend(TopicPartition(topic, p) for p in sorted(parts or ()))
-        if not tps:
-            return {}
-        ends = await consumer.end_offsets(tps)
+        await assign_and_refresh(consumer, tps)
+        ends = await stable_end_offsets(consumer, tps)
         return {(tp.topic, tp.partition): off for tp, off in ends.items()}
     finally:
         await consumer.stop()

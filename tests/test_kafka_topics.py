@@ -1,0 +1,99 @@
+"""Topic creation through the real broker: idempotent, partitions from settings, configs as specified;
+the producer keys by user id onto the partition the worker's tables use; the sink dead-letters bad records."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import tests.conftest as _root
+from streams.kafka.topics import (
+    admin_client,
+    end_offsets,
+    ensure_topics,
+    partition_for,
+    topic_specs,
+)
+from tests.conftest_kafka import KafkaEnv, run_async
+from tests.factories import raw_turn
+
+if not hasattr(_root, "kafka_env"):  # until tests/conftest.py loads tests.conftest_kafka itself
+    from tests.conftest_kafka import kafka_bootstrap, kafka_env, llm_proc, make_kafka_env  # noqa: F401
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
+
+
+async def _configs(env: KafkaEnv, names: list[str]) -> dict[str, dict[str, str]]:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = admin_client(env.settings.kafka)
+    await admin.start()
+    try:
+        resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+        out: dict[str, dict[str, str]] = {}
+        for r in resp:
+            for res in r.to_object()["resources"]:
+                out[res["resource_name"]] = {c["config_names"]: c["config_value"] for c in res["config_entries"]}
+        return out
+    finally:
+        await admin.close()
+
+
+def test_topics_created_idempotently_with_configs(kafka_env: KafkaEnv) -> None:
+    k = kafka_env.settings.kafka
+    first = run_async(ensure_topics(k))
+    assert set(first.values()) == {"created"} and len(first) == 7
+    again = run_async(ensure_topics(k))
+    assert set(again.values()) == {"exists"}
+    specs = {s.role: s for s in topic_specs(k)}
+    configs = run_async(_configs(kafka_env, [s.name for s in specs.values()]))
+    raw = configs[k.topics.raw_turns]
+    assert raw["cleanup.policy"] == "delete" and raw["retention.ms"] == "-1" and raw["retention.bytes"] == "-1"
+    assert configs[k.topics.control]["cleanup.policy"] == "compact"
+    assert configs[k.topics.dead_letters]["retention.ms"] == "-1"
+    for s in specs.values():
+        for key, value in s.config.items():
+            assert configs[s.name][key] == value, (s.name, key)
+    ends = run_async(end_offsets(k, [k.topics.raw_turns, k.topics.segments]))
+    assert len(ends) == 2 * k.partitions
+
+
+def test_producer_keys_turns_by_user_onto_murmur2_partition(kafka_env: KafkaEnv) -> None:
+    turns = [raw_turn(u, "s1", i, f"turn {i} of {u}") for u in ("alice", "bob", "carol") for i in range(3)]
+    assert kafka_env.produce(turns) == len(turns)
+    records = kafka_env.read(kafka_env.topics.raw_turns)
+    assert len(records) == len(turns)
+    for r in records:
+        user = json.loads(r.value)["user_id"]
+        assert r.key == user.encode()
+        assert r.partition == partition_for(r.key, kafka_env.settings.kafka.partitions)
+    # one user's turns stay in order inside their partition
+    for u in ("alice", "bob", "carol"):
+        seqs = [json.loads(r.value)["seq"] for r in records if r.key == u.encode()]
+        assert seqs == [0, 1, 2]
+
+
+def test_sink_dead_letters_bad_records_and_commits(make_kafka_env: Any) -> None:
+    env: KafkaEnv = make_kafka_env()
+    env.create_topics()
+    key = b"alice"
+    change = {
+        "change_id": "c1",
+        "memory_id": "m1",
+        "user_id": "alice",
+        "action": "ignore",
+        "model": "offline-rule",
+        "pipeline_version": "x",
+        "at": "2024-01-01T00:00:00+00:00",
+    }
+    env.produce_raw(env.topics.summaries, [(key, b"not json"), (key, None)])
+    env.produce_raw(env.topics.memory_changes, [(key, json.dumps(change).encode()), (key, b"{}")])
+    sink = env.sink()
+    env.wait_sink_caught_up(timeout_s=90)
+    assert sink.terminate() == 0, sink.tail()
+    letters = env.dead_letters()
+    assert sorted(d.error_type for d in letters) == ["InvalidJSON", "NullValue", "SchemaViolation"]
+    assert all(d.stage == "sink" and d.key == "alice" for d in letters)
+    # the valid change went to the apply hook, not to the dead letters
