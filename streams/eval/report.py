@@ -85,10 +85,12 @@ def _groups(systems: Sequence[Mapping[str, Any]]) -> list[str]:
     return cats + [g for g in (OVERALL, ABSTENTION, ADVERSARIAL, ALL) if g in names]
 
 
-def _per_group_table(systems: Sequence[Mapping[str, Any]], metric: str, metrics_key: str = "metrics") -> str:
+def _per_group_table(
+    systems: Sequence[Mapping[str, Any]], metric: str, metrics_key: str = "metrics", count: str = "n_with_evidence"
+) -> str:
     groups = _groups(systems)
     first = systems[0][metrics_key] if systems else {}
-    header = ["system", *[f"{g.removeprefix('cat:')} (n={first.get(g, {}).get('n_with_evidence', 0)})" for g in groups]]
+    header = ["system", *[f"{g.removeprefix('cat:')} (n={first.get(g, {}).get(count, 0)})" for g in groups]]
     rows = [[s["label"], *[_fmt(s[metrics_key].get(g, {}).get(metric)) for g in groups]] for s in systems]
     return _table(header, rows)
 
@@ -154,7 +156,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         parts += [
             f"## Session recall@{kref} per question type",
             "",
-            _per_group_table(systems, f"session_recall@{kref}"),
+            _per_group_table(systems, f"session_recall@{kref}", count="n"),
             "",
         ]
     if lm:
