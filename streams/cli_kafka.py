@@ -121,9 +121,6 @@ def worker(
             envvar="LIGHTMEM_WORKER_TICK_S", help="idle-flush timer interval (default: idle timeout/4, ≤ 1 s)"
         ),
     ] = None,
-    batch_max: Annotated[
-        int, typer.Option(envvar="LIGHTMEM_WORKER_BATCH_MAX", help="raw turns compressed per batch")
-    ] = 32,
     standby_replicas: Annotated[
         int, typer.Option(envvar="LIGHTMEM_WORKER_STANDBY_REPLICAS", help="standby table copies on other workers")
     ] = 0,
@@ -153,7 +150,6 @@ def worker(
         settings,
         web_port=web_port,
         tick_s=tick_s,
-        batch_max=batch_max,
         standby_replicas=standby_replicas,
         session_timeout_s=session_timeout_s,
     )

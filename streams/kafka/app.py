@@ -2,9 +2,9 @@
 
 Agents (the shell only; every decision is a stage function of ``streams``):
 
-- **sensory** over the raw-turn topic, in small batches: validate ``RawTurn`` (a bad record → a dead
+- **sensory** over the raw-turn topic, one record at a time: validate ``RawTurn`` (a bad record → a dead
   letter with stage ``ingest``, the reason and the original bytes; the stream goes on), then
-  ``compress_turns`` for the batch and ``segment.segment`` per turn against the user's
+  ``compress_turns`` and ``segment.segment`` against the user's
   ``SensoryBufferState`` (Faust table ``sensory``), closed ``TopicSegment``\\ s → the segments topic.
 - **stm** over the segments topic: ``stm.add`` against the user's ``STMBufferState`` (table ``stm``); a
   full batch → ``Extractor.extract`` (async HTTP) → the ``STMSummary`` to the summaries topic, or its
@@ -166,8 +166,6 @@ class Shell:
         web_port: int | None = None,
         datadir: Path | None = None,
         tick_s: float | None = None,
-        batch_max: int = 32,
-        batch_within_s: float = 0.1,
         standby_replicas: int = 0,
         session_timeout_s: float = 10.0,
         commit_interval_s: float = 1.0,
@@ -178,8 +176,6 @@ class Shell:
         self.partitions = settings.kafka.partitions
         self.idle_s = settings.stm.idle_timeout_s
         self.tick_s = tick_s or max(0.2, min(1.0, self.idle_s / 4))
-        self.batch_max = batch_max
-        self.batch_within_s = batch_within_s
         self.stats = WorkerStats()
         self._last_stats, self._last_stats_at = "", 0.0
         self._expected: dict[TP, int] = {}  # next offset per source partition (delivery order check)
