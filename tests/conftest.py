@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from tests.conftest_kafka import kafka_bootstrap, kafka_env, llm_proc, make_kafka_env  # noqa: E402,F401
 from tests.fixtures_llm import llm, llm_server  # noqa: E402,F401
 
 
