@@ -69,7 +69,9 @@ class EmbeddingSettings(BaseModel):
     model: str | None = Field(
         default=None, description="sentence-transformers model name or path; unset = packaged all-MiniLM-L6-v2"
     )
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(
+        default=8, ge=1, description="texts per encoder batch; small batches pad less (about 2x faster than 64 on CPU)"
+    )
     device: str = "cpu"
 
 
