@@ -32,10 +32,10 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
@@ -286,7 +286,7 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, InvalidExtraction | openai.OpenAIError)
 
 
-def _describe(exc: BaseException) -> tuple[str, str]:
+def describe_error(exc: BaseException) -> tuple[str, str]:
     """(error_type, reason) of an attempt's failure."""
     if isinstance(exc, InvalidExtraction):
         return exc.error_type, exc.reason
@@ -298,6 +298,20 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 def segments_payload(segments: Sequence[TopicSegment]) -> str:
     """The batch as JSON text (a list of TopicSegment objects), as dead letters carry it."""
     return json.dumps([s.model_dump(mode="json") for s in segments], ensure_ascii=False)
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class CallOutcome(Generic[T]):
+    """What one retried LLM call came to: the parsed value, or the last error; calls and tokens either way."""
+
+    value: T | None
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    error: BaseException | None
 
 
 class Extractor:
@@ -359,18 +373,15 @@ class Extractor:
             return  # its connections died with their loop
         await self._client.close()
 
-    async def extract(self, user_id: str, segments: Sequence[TopicSegment], now: datetime) -> ExtractResult:
-        """One STM flush → an ``STMSummary`` or, after bounded retries, a ``DeadLetter``."""
-        _check_batch(user_id, segments)
-        started = time.perf_counter()
-        n_turns = sum(len(s.turns) for s in segments)
-        if self._client is None:
-            summary = extractive_summary(user_id, segments, now, self.pipeline_version)
-            cost = StageCost(stage="extraction", seconds=time.perf_counter() - started, items=n_turns)
-            return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=1)
+    async def call_json(
+        self, messages: list[dict[str, str]], parse: Callable[[str | None], T], label: str
+    ) -> CallOutcome[T]:
+        """One JSON chat call with bounded retries and exponential backoff, under the concurrency limit.
 
+        ``parse`` turns the reply's content into the result or raises ``InvalidExtraction`` (then the call is
+        retried like an HTTP error). Shared by every LLM stage (extraction, sleep-time decisions).
+        """
         client, semaphore = self._session()
-        messages, alias_map = build_extraction_prompt(segments)
         calls = input_tokens = output_tokens = 0
         last: BaseException | None = None
         for attempt in range(self.settings.max_retries + 1):
@@ -394,16 +405,15 @@ class Extractor:
                     input_tokens += count_messages_tokens(messages)
                     output_tokens += count_tokens(content or "")
                 if response.choices and response.choices[0].finish_reason == "length" and content:
-                    log.warning("extraction for %s: output truncated at max_output_tokens", user_id)
-                parsed = parse_extraction(content)
-                summary = build_summary(user_id, segments, parsed, alias_map, self.name, now)
+                    log.warning("%s: output truncated at max_output_tokens", label)
+                value = parse(content)
             except (InvalidExtraction, openai.OpenAIError) as exc:
                 last = exc
-                error_type, reason = _describe(exc)
+                error_type, reason = describe_error(exc)
                 retry = _retryable(exc) and attempt < self.settings.max_retries
                 log.warning(
-                    "extraction for %s: attempt %d/%d failed (%s: %s)%s",
-                    user_id,
+                    "%s: attempt %d/%d failed (%s: %s)%s",
+                    label,
                     attempt + 1,
                     self.settings.max_retries + 1,
                     error_type,
@@ -413,18 +423,40 @@ class Extractor:
                 if not _retryable(exc):
                     break
                 continue
-            cost = StageCost(
-                stage="extraction",
-                calls=calls,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                seconds=time.perf_counter() - started,
-                items=n_turns,
-            )
-            return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=calls)
+            return CallOutcome(value, calls, input_tokens, output_tokens, None)
+        return CallOutcome(None, calls, input_tokens, output_tokens, last)
 
+    async def extract(self, user_id: str, segments: Sequence[TopicSegment], now: datetime) -> ExtractResult:
+        """One STM flush → an ``STMSummary`` or, after bounded retries, a ``DeadLetter``."""
+        _check_batch(user_id, segments)
+        started = time.perf_counter()
+        n_turns = sum(len(s.turns) for s in segments)
+        if self._client is None:
+            summary = extractive_summary(user_id, segments, now, self.pipeline_version)
+            cost = StageCost(stage="extraction", seconds=time.perf_counter() - started, items=n_turns)
+            return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=1)
+
+        messages, alias_map = build_extraction_prompt(segments)
+        outcome = await self.call_json(
+            messages,
+            lambda content: build_summary(user_id, segments, parse_extraction(content), alias_map, self.name, now),
+            f"extraction for {user_id}",
+        )
+        calls = outcome.calls
+        cost = StageCost(
+            stage="extraction",
+            calls=calls,
+            input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens,
+            seconds=time.perf_counter() - started,
+            items=n_turns,
+        )
+        if outcome.value is not None:
+            return ExtractResult(summary=outcome.value, dead_letter=None, cost=cost, attempts=calls)
+
+        last = outcome.error
         assert last is not None
-        error_type, reason = _describe(last)
+        error_type, reason = describe_error(last)
         error = ExtractionFailed(reason, error_type, calls)
         turn_ids = [t.turn_id for s in segments for t in s.turns]
         dead_letter = DeadLetter(
@@ -438,12 +470,4 @@ class Extractor:
             at=now,
         )
         log.error("extraction for %s dead-lettered: %s", user_id, dead_letter.reason)
-        cost = StageCost(
-            stage="extraction",
-            calls=calls,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            seconds=time.perf_counter() - started,
-            items=n_turns,
-        )
         return ExtractResult(summary=None, dead_letter=dead_letter, cost=cost, attempts=calls, error=error)

@@ -33,18 +33,15 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, cast
+from typing import Literal
 
-import openai
-from openai.types.chat import ChatCompletionMessageParam
 from pydantic import ValidationError
 
 from schemas.records import DeadLetter, MemoryRecord, StageCost
 from streams import ids
-from streams.extract import _JSON_OBJECT, Extractor, InvalidExtraction, _describe, _retryable
+from streams.extract import Extractor, InvalidExtraction, describe_error
 from streams.settings import LLMSettings, SleepSettings
 from streams.sleep.prompts import COMPACTION_PROMPT_VERSION, CompactionResponse, build_compaction_prompt
-from streams.tokens import count_messages_tokens, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -213,52 +210,19 @@ class Decider(Extractor):
         self, target: MemoryRecord, candidates: list[Candidate], now: datetime
     ) -> tuple[list[Decision], DeadLetter | None, tuple[int, int, int]]:
         """One prompt with bounded retries → decisions, or a dead letter; plus (calls, input, output tokens)."""
-        client, semaphore = self._session()
         messages, alias_map = build_compaction_prompt(target, [c.record for c in candidates])
-        calls = input_tokens = output_tokens = 0
-        last: BaseException | None = None
-        for attempt in range(self.settings.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with semaphore:
-                    calls += 1
-                    response = await client.chat.completions.create(
-                        model=self.settings.model,
-                        messages=cast("list[ChatCompletionMessageParam]", messages),
-                        temperature=self.settings.temperature,
-                        max_tokens=self.settings.max_output_tokens,
-                        response_format=_JSON_OBJECT,
-                    )
-                content = response.choices[0].message.content if response.choices else None
-                if response.usage is not None:
-                    input_tokens += response.usage.prompt_tokens
-                    output_tokens += response.usage.completion_tokens
-                else:
-                    input_tokens += count_messages_tokens(messages)
-                    output_tokens += count_tokens(content or "")
-                decisions = parse_decisions(content, alias_map)
-            except (InvalidExtraction, openai.OpenAIError) as exc:
-                last = exc
-                error_type, reason = _describe(exc)
-                retry = _retryable(exc) and attempt < self.settings.max_retries
-                log.warning(
-                    "compaction of %s (user %s): attempt %d/%d failed (%s: %s)%s",
-                    target.memory_id,
-                    target.user_id,
-                    attempt + 1,
-                    self.settings.max_retries + 1,
-                    error_type,
-                    reason[:300],
-                    "; retrying" if retry else "",
-                )
-                if not _retryable(exc):
-                    break
-                continue
-            return decisions, None, (calls, input_tokens, output_tokens)
+        outcome = await self.call_json(
+            messages,
+            lambda content: parse_decisions(content, alias_map),
+            f"compaction of {target.memory_id} (user {target.user_id})",
+        )
+        calls, input_tokens, output_tokens = outcome.calls, outcome.input_tokens, outcome.output_tokens
+        if outcome.value is not None:
+            return outcome.value, None, (calls, input_tokens, output_tokens)
 
+        last = outcome.error
         assert last is not None
-        error_type, reason = _describe(last)
+        error_type, reason = describe_error(last)
         dead = DeadLetter(
             dlq_id=ids.derived_id(
                 "dead_letter",
