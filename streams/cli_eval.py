@@ -76,6 +76,10 @@ def eval_(
         str | None, typer.Option(help="systems judged with --judge (default: all of --systems)")
     ] = None,
     chunk_turns: Annotated[int, typer.Option(help="turns per add_turns call while ingesting")] = 64,
+    compact: Annotated[
+        bool,
+        typer.Option(help="also run the sleep-time update after ingest and score LightMem again (recall after)"),
+    ] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip the PNG plots")] = False,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
@@ -104,6 +108,7 @@ def eval_(
         judge_k=judge_k,
         judge_systems=[s.strip() for s in judge_systems.split(",") if s.strip()] if judge_systems else None,
         chunk_turns=chunk_turns,
+        compact=compact,
         plots=not no_plots,
     )
     err.print(f"[bold]lightmem eval {opts.benchmark}[/] → {opts.out}")

@@ -349,3 +349,34 @@ def test_cli_eval_on_a_locomo_slice(tmp_path, monkeypatch):
     assert (out / "recall_at_k.png").read_bytes()[:8] == PNG_MAGIC
     again = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path / "state")])
     assert again.exit_code == 0 and json.loads((out / "results.json").read_text())["run"]["ingested_users"] == 0
+
+
+@pytest.mark.slow
+def test_recall_before_and_after_the_sleep_time_update(tmp_path, encoder):
+    from streams.pipeline import Stages
+    from streams.settings import SleepSettings
+
+    conv = tiny_conversation()
+    # a loose offline duplicate rule, so the sleep-time update really merges and deletes memories here
+    from streams.settings import SegmentationSettings
+
+    settings = Settings(
+        data_dir=tmp_path / "state",
+        store=StoreSettings(path=tmp_path / "user-store"),
+        segmentation=SegmentationSettings(buffer_tokens=32),  # small buffers and batches: memories stored
+        stm=STMSettings(threshold_tokens=16),  # over several flushes, so later ones have earlier neighbours
+        sleep=SleepSettings(duplicate_threshold=0.3, similarity_threshold=0.3),
+    )
+    # small ingest chunks: batches stored at different times, so later memories have earlier ones to compare with
+    opts = options(tmp_path / "out", systems=["lightmem"], compact=True, plots=False, chunk_turns=2)
+    res = run_eval(opts, settings, stages=Stages(settings, encoder=encoder), conversations=[conv])
+
+    before, after = res["systems"]
+    assert before["config"] + "+sleep" == after["config"]
+    assert "compaction" in after["cost"] and "compaction" not in before["cost"]
+    assert after["memories"] < before["memories"]  # the update deleted superseded memories
+    # ... without losing evidence: a deleted memory's source turns live on in the one that superseded it
+    for k in opts.ks:
+        key = f"evidence_recall@{k}"
+        assert after["metrics"]["overall"][key] is not None and 0.0 <= after["metrics"]["overall"][key] <= 1.0
+    assert [g["id"] for g in res["config"]["grid"]] == [before["config"]]

@@ -98,7 +98,7 @@ def cost_bars(results: Mapping[str, Any], path: Path) -> Path:
 def tradeoff(results: Mapping[str, Any], path: Path) -> Path:
     plt = _plt()
     kref = reference_k(results["config"]["ks"])
-    cells = [s for s in results["systems"] if s["system"] == "lightmem"]
+    cells = [s for s in results["systems"] if s["system"] == "lightmem" and not s["config"].endswith("+sleep")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xkey, xlabel in (
         (axes[0], "ratio", "compression ratio achieved (compressed / raw tokens)"),
@@ -140,6 +140,6 @@ def tradeoff(results: Mapping[str, Any], path: Path) -> Path:
 def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
     """recall_at_k.png, cost_per_stage.png, and tradeoff.png when more than one LightMem cell ran."""
     paths = [recall_curves(results, out / "recall_at_k.png"), cost_bars(results, out / "cost_per_stage.png")]
-    if sum(1 for s in results["systems"] if s["system"] == "lightmem") > 1:
+    if sum(1 for s in results["systems"] if s["system"] == "lightmem" and not s["config"].endswith("+sleep")) > 1:
         paths.append(tradeoff(results, out / "tradeoff.png"))
     return paths

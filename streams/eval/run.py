@@ -82,6 +82,9 @@ RESULTS = "results.json"
 REPORT = "report.md"
 
 
+SLEEP_SUFFIX = "+sleep"
+
+
 class EvalError(RuntimeError):
     """A run that cannot start or resume (bad options, a checkpoint of another run...)."""
 
@@ -116,6 +119,7 @@ class EvalOptions:
     judge_k: int = 10
     judge_systems: Sequence[str] | None = None  # None: every system of the run
     chunk_turns: int = 64
+    compact: bool = False  # also score LightMem after the sleep-time update (a unit "<cell>+sleep")
     show_progress: bool = True
     plots: bool = True
 
@@ -532,7 +536,10 @@ def run_eval(
     units: list[_Unit] = []
     for s in opts.systems:
         if s == "lightmem":
-            units += [_Unit("lightmem", c.id, c.label, cell=c) for c in cells]
+            for c in cells:
+                units.append(_Unit("lightmem", c.id, c.label, cell=c))
+                if opts.compact:
+                    units.append(_Unit("lightmem", f"{c.id}{SLEEP_SUFFIX}", f"{c.label} + sleep-time update", cell=c))
         else:
             units.append(_Unit(s, RAW_CONFIG, SYSTEM_LABELS[s]))
 
@@ -540,10 +547,13 @@ def run_eval(
     started = datetime.now(UTC)
     with bars.progress:
         with bars.task(f"{opts.benchmark}: systems × users", total=len(units) * len(convs)) as overall:
-            for unit in units:
+            for i, unit in enumerate(units):
                 judged = unit.system in judge_systems
+                if unit.config.endswith(SLEEP_SUFFIX):
+                    continue  # the "+sleep" unit is filled by its cell's run, right after it
                 if unit.system == "lightmem":
                     assert unit.cell is not None
+                    after = units[i + 1] if opts.compact else None
                     _run_lightmem(
                         unit,
                         unit.cell,
@@ -556,6 +566,7 @@ def run_eval(
                         stats,
                         judge if judged else None,
                         overall,
+                        after=after,
                     )
                 else:
                     _run_baseline(unit, convs, opts, models, ckpt, bars, stats, judge if judged else None, overall)
@@ -716,6 +727,8 @@ def _run_lightmem(
     stats: _RunStats,
     judge: Judge | None,
     overall: Callable[[int], None],
+    *,
+    after: _Unit | None = None,
 ) -> None:
     cs = cell_settings(settings, opts.out, cell)
     mem: Memory | None = None
@@ -731,6 +744,8 @@ def _run_lightmem(
                 unit.evals.append(rec)  # type: ignore[arg-type]
                 unit.ingests.append(ing)
                 overall(1)
+                if after is not None:
+                    mem, stages = _after_sleep(after, cell, conv, ing, opts, cs, models, ckpt, bars, stats, mem, stages)
                 continue
             if mem is None:
                 stages = models.for_cell(cs)
@@ -748,24 +763,7 @@ def _run_lightmem(
                 ckpt.append(ing)
                 stats.ingested_users += 1
                 stats.ingested_turns += len(conv.turns)
-            t2s = _turn_to_session(conv)
-            qes: list[QuestionEval] = []
-            contexts: list[list[str]] = []
-            seconds = 0.0
-            with bars.task(f"{unit.label} · search {user}", total=len(conv.qa)) as step:
-                for qa in conv.qa:
-                    t1 = time.perf_counter()
-                    hits = mem.search(qa.question, user_id=user, limit=opts.max_k)
-                    seconds += time.perf_counter() - t1
-                    items = [
-                        RetrievedItem(memory_reader_text(h.record), list(h.record.source_turn_ids), h.score)
-                        for h in hits
-                    ]
-                    qe = question_eval(qa, items, turn_to_session=t2s, count_tokens=tokens)
-                    kinds = [h.record.kind for h in hits]
-                    qes.append(replace(qe, extra={"kinds": kinds}))
-                    contexts.append([it.text for it in items[: opts.judge_k]])
-                    step(1)
+            qes, contexts, seconds = _search_user(mem, conv, opts, bars, unit.label, tokens)
             verdicts, judge_cost = _judge_user(judge, conv, contexts, opts, stats)
             rec = {
                 "kind": "eval",
@@ -793,9 +791,106 @@ def _run_lightmem(
             unit.evals.append(rec)
             unit.ingests.append(ing)
             overall(1)
+            if after is not None:
+                mem, stages = _after_sleep(after, cell, conv, ing, opts, cs, models, ckpt, bars, stats, mem, stages)
     finally:
         if mem is not None:
             mem.close()
+
+
+def _search_user(
+    mem: Memory, conv: Conversation, opts: EvalOptions, bars: _Bars, label: str, tokens: Callable[[str], int]
+) -> tuple[list[QuestionEval], list[list[str]], float]:
+    """Every question of one user against its memory: scored questions, reader contexts, search seconds."""
+    t2s = _turn_to_session(conv)
+    qes: list[QuestionEval] = []
+    contexts: list[list[str]] = []
+    seconds = 0.0
+    with bars.task(f"{label} · search {conv.user_id}", total=len(conv.qa)) as step:
+        for qa in conv.qa:
+            t1 = time.perf_counter()
+            hits = mem.search(qa.question, user_id=conv.user_id, limit=opts.max_k)
+            seconds += time.perf_counter() - t1
+            items = [RetrievedItem(memory_reader_text(h.record), list(h.record.source_turn_ids), h.score) for h in hits]
+            qe = question_eval(qa, items, turn_to_session=t2s, count_tokens=tokens)
+            qes.append(replace(qe, extra={"kinds": [h.record.kind for h in hits]}))
+            contexts.append([it.text for it in items[: opts.judge_k]])
+            step(1)
+    return qes, contexts, seconds
+
+
+def _after_sleep(
+    after: _Unit,
+    cell: Cell,
+    conv: Conversation,
+    ing: dict[str, Any],
+    opts: EvalOptions,
+    cs: Settings,
+    models: _Models,
+    ckpt: Checkpoint,
+    bars: _Bars,
+    stats: _RunStats,
+    mem: Memory | None,
+    stages: CountingStages | None,
+) -> tuple[Memory | None, CountingStages | None]:
+    """Run the sleep-time update over one user's fresh memory and score it again (the "+sleep" unit).
+
+    Its ingest record is the cell's plus a "compaction" stage, so the cost table counts sleep-time work."""
+    config = f"{cell.id}{SLEEP_SUFFIX}"
+    user = conv.user_id
+    rec = ckpt.get("eval", "lightmem", config, user)
+    if rec is not None:
+        stats.reused_units += 1
+        after.evals.append(rec)
+        after.ingests.append(ckpt.get("ingest", "lightmem", config, user) or ing)
+        return mem, stages
+    if mem is None:
+        stages = models.for_cell(cs)
+        mem = Memory(cs, stages=stages)
+        stats.memories_opened += 1
+    from streams.sleep.compact import Compactor
+
+    compactor = Compactor(cs, mem.pipeline.store, mem.pipeline.stages.embed)
+    try:
+        run = mem._runner.run(compactor.compact_user(user, full=True))
+    finally:
+        mem._runner.run(compactor.aclose())
+    c = run.cost
+    cost = dict(ing["cost"])
+    cost["compaction"] = {
+        "calls": c.calls,
+        "input_tokens": c.input_tokens,
+        "output_tokens": c.output_tokens,
+        "seconds": c.seconds,
+        "items": c.items,
+    }
+    ing_after = {
+        **ing,
+        "config": config,
+        "cost": cost,
+        "memories": mem.pipeline.store.count(user),
+        "compaction": {"targets": run.targets, "changes": dict(run.actions), "dead_letters": len(run.dead_letters)},
+    }
+    ckpt.append(ing_after)
+    qes, _, seconds = _search_user(mem, conv, opts, bars, after.label, lru_cache(maxsize=1 << 16)(count_tokens))
+    rec = {
+        "kind": "eval",
+        "system": "lightmem",
+        "config": config,
+        "user": user,
+        "depth": opts.max_k,
+        **encode_questions(qes, conv),
+        "seconds": seconds,
+        "cost": {"search": {"calls": 0, "input_tokens": 0, "output_tokens": 0, "seconds": seconds, "items": len(qes)}},
+        "judge": None,
+        "judge_k": None,
+        "judge_cost": None,
+    }
+    ckpt.append(rec)
+    stats.evaluated_units += 1
+    after.evals.append(rec)
+    after.ingests.append(ing_after)
+    return mem, stages
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -943,7 +1038,11 @@ def _results(
             "ks": ks,
             "limit": opts.limit,
             "systems": list(opts.systems),
-            "grid": [{"id": c.id, "rate": c.rate, "threshold": c.threshold} for u in units if (c := u.cell)],
+            "grid": [
+                {"id": c.id, "rate": c.rate, "threshold": c.threshold}
+                for u in units
+                if (c := u.cell) and not u.config.endswith(SLEEP_SUFFIX)
+            ],
             "chunk_turns": opts.chunk_turns,
             "judge": opts.judge,
             "judge_k": opts.judge_k if opts.judge else None,
