@@ -4,6 +4,7 @@ the producer keys by user id onto the partition the worker's tables use; the sin
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -48,7 +49,13 @@ def test_topics_created_idempotently_with_configs(kafka_env: KafkaEnv) -> None:
     again = run_async(ensure_topics(k))
     assert set(again.values()) == {"exists"}
     specs = {s.role: s for s in topic_specs(k)}
-    configs = run_async(_configs(kafka_env, [s.name for s in specs.values()]))
+    names = [s.name for s in specs.values()]
+    deadline = time.monotonic() + 30
+    configs = run_async(_configs(kafka_env, names))
+    # a topic's configs can read back empty for a moment after it was created: ask until every topic has them
+    while not all(configs.get(n, {}).get("cleanup.policy") for n in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        configs = run_async(_configs(kafka_env, names))
     raw = configs[k.topics.raw_turns]
     assert raw["cleanup.policy"] == "delete" and raw["retention.ms"] == "-1" and raw["retention.bytes"] == "-1"
     assert configs[k.topics.control]["cleanup.policy"] == "compact"

@@ -276,11 +276,12 @@ cmd_up() {
   local formatted=yes
   if [[ ! -f "$LOGDIRS/meta.properties" ]]; then
     formatted=no
-    # cluster id: 16 random bytes, base64url without padding (what `kafka-storage random-uuid` prints)
+    # cluster id: 16 random bytes, base64url without padding (what `kafka-storage random-uuid` prints); passed
+    # as --cluster-id=ID because one in 64 ids starts with "-", which a separate argument would read as a flag
     local cluster_id
     cluster_id="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
     if ! "$JAVA" -Xmx256m -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" kafka.tools.StorageTool \
-      format -t "$cluster_id" -c "$PROPS" >"$DATA/format.out" 2>&1; then
+      format --cluster-id="$cluster_id" -c "$PROPS" >"$DATA/format.out" 2>&1; then
       cat "$DATA/format.out" >&2
       die "formatting $LOGDIRS failed"
     fi
