@@ -319,10 +319,16 @@ class KafkaEnv:
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout_s: float = 120.0, every_s: float = 1.0) -> None:
         """Poll ``check`` until true; fail with the processes' logs on timeout or when one died."""
+        from aiokafka.errors import KafkaError
+
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if check():
-                return
+            try:
+                if check():
+                    return
+            except KafkaError as exc:  # e.g. no group coordinator yet on a fresh broker: ask again
+                if not getattr(exc, "retriable", False):
+                    raise
             dead = [p for p in self.procs if not p.alive() and p.popen.returncode not in (0, -9, -15)]
             if dead:
                 pytest.fail(f"while waiting for {what}: {dead[0].name} exited\n{self.logs()}")
