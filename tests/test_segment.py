@@ -163,3 +163,25 @@ def test_real_encoder_finds_the_topic_shift():
     assert any(abs(c - 4) <= 1 for c in cuts), (cuts, kind)
     att, spans = enc.token_attention(texts, None)
     assert att.shape[0] == att.shape[1] and len(spans) == len(texts)
+
+
+@pytest.mark.slow
+def test_first_layer_fast_path_equals_the_eager_model():
+    import torch
+
+    from streams.encoder import load_encoder
+    from streams.settings import EmbeddingSettings
+
+    enc = load_encoder(EmbeddingSettings())
+    texts = ["Alex: my cat Pixel is fourteen.", "Sam: the half marathon is in October!", "Alex: ok"] * 12
+    fast, spans = enc.token_attention(texts, [0])
+    ids = [enc.tokenizer.cls_token_id]
+    for t in texts:
+        ids += enc.tokenizer.encode(t, add_special_tokens=False)
+    ids.append(enc.tokenizer.sep_token_id)
+    with torch.inference_mode():
+        out = enc._attention_model(1)(input_ids=torch.tensor([ids]), output_attentions=True)
+    eager = out.attentions[0].mean(dim=1)[0].numpy()
+    assert fast.shape == eager.shape == (len(ids), len(ids))
+    assert np.abs(fast - eager).max() < 1e-5
+    assert spans[0] == (1, 1 + len(enc.tokenizer.encode(texts[0], add_special_tokens=False)))
