@@ -76,10 +76,15 @@ class Encoder:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                vec = self._st.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+                # the model's own modules (transformer, pooling, normalisation) without encode()'s batching
+                # machinery, which costs a few milliseconds per call
+                prep = getattr(self._st, "preprocess", None) or self._st.tokenize
+                with torch.inference_mode():
+                    out = self._st(prep([text]))["sentence_embedding"]
+                    vec = torch.nn.functional.normalize(out, dim=-1)[0].float().cpu().numpy()
             finally:
                 torch.set_num_threads(threads)
-        return np.asarray(vec, dtype=np.float32)[0]
+        return np.asarray(vec, dtype=np.float32)
 
     # -- tokens and attention ---------------------------------------------------------
     def count_tokens(self, text: str) -> int:
