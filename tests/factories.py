@@ -26,7 +26,15 @@ def raw_turn(
 
 
 def compressed_turn(
-    user: str, seq: int, text: str, *, session: str = "s1", role: str = "user", encoder_tokens: int | None = None
+    user: str,
+    seq: int,
+    text: str,
+    *,
+    session: str = "s1",
+    role: str = "user",
+    speaker: str | None = None,
+    at: datetime | None = None,
+    encoder_tokens: int | None = None,
 ) -> CompressedTurn:
     words = len(text.split())
     return CompressedTurn(
@@ -35,7 +43,8 @@ def compressed_turn(
         session_id=session,
         seq=seq,
         role=role,
-        timestamp=T0 + timedelta(minutes=seq),
+        speaker=speaker,
+        timestamp=at or T0 + timedelta(minutes=seq),
         raw_text=text,
         compressed_text=text,
         compressor="identity",

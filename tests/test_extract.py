@@ -33,8 +33,7 @@ from streams.prompts import (
 )
 from streams.settings import LLMSettings
 from streams.tokens import count_messages_tokens, count_tokens
-from tests.fixtures_llm import llm as llm  # fixtures (until tests/conftest.py provides them)
-from tests.fixtures_llm import llm_server as llm_server
+from tests.factories import compressed_turn
 from tests.fixtures_llm import llm_settings
 from tests.llm_server import LLMServer, extraction_answer
 
@@ -54,23 +53,8 @@ def turn(
     role: str = "user",
     at: datetime | None = None,
 ) -> CompressedTurn:
-    n = len(text.split())
-    return CompressedTurn(
-        turn_id=ids.turn_id(user, session, seq),
-        user_id=user,
-        session_id=session,
-        seq=seq,
-        role=role,
-        speaker=speaker,
-        timestamp=at or T0 + timedelta(minutes=seq),
-        raw_text=text,
-        compressed_text=text,
-        compressor="identity",
-        rate=1.0,
-        raw_tokens=n,
-        compressed_tokens=n,
-        encoder_tokens=n,
-    )
+    at = at or T0 + timedelta(minutes=seq)
+    return compressed_turn(user, seq, text, session=session, role=role, speaker=speaker, at=at)
 
 
 def segment(*turns: CompressedTurn, user: str = USER) -> TopicSegment:

@@ -122,6 +122,14 @@ def point_ids(memory_ids: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for c in canonical if c is not None))
 
 
+def point_row(point: Any, with_vector: bool, vector_name: str) -> tuple[str, dict[str, Any], np.ndarray | None]:
+    """(id, payload, dense vector or None) of a point as either engine returns it from a scroll."""
+    vec = None
+    if with_vector and isinstance(point.vector, dict) and vector_name in point.vector:
+        vec = np.asarray(point.vector[vector_name], dtype=np.float32)
+    return str(point.id), point.payload or {}, vec
+
+
 def to_payload(record: MemoryRecord) -> dict[str, Any]:
     payload = record.model_dump(mode="json")
     stamps = [t.timestamp() for t in record.event_timestamps]

@@ -10,7 +10,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope
+from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
 from streams.settings import StoreSettings
 
 BATCH = 256
@@ -138,11 +138,7 @@ class ClientStore(BaseStore):
                 with_payload=True,
                 with_vectors=[DENSE] if with_vector else False,
             )
-            for p in points:
-                vec = None
-                if with_vector and isinstance(p.vector, dict) and DENSE in p.vector:
-                    vec = np.asarray(p.vector[DENSE], dtype=np.float32)
-                out.append((str(p.id), p.payload or {}, vec))
+            out.extend(point_row(p, with_vector, DENSE) for p in points)
             if offset is None:
                 return out
 

@@ -11,7 +11,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope
+from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
 from streams.settings import StoreSettings
 
 BATCH = 512
@@ -130,11 +130,7 @@ class EdgeStore(BaseStore):
                 offset=offset, limit=1024, filter=flt, with_payload=True, with_vector=[DENSE] if with_vector else False
             )
             points, offset = self._shard.scroll(req)
-            for p in points:
-                vec = None
-                if with_vector and isinstance(p.vector, dict) and DENSE in p.vector:
-                    vec = np.asarray(p.vector[DENSE], dtype=np.float32)
-                out.append((str(p.id), p.payload or {}, vec))
+            out.extend(point_row(p, with_vector, DENSE) for p in points)
             if offset is None:
                 return out
 
