@@ -188,23 +188,57 @@ class StageCost(Record):
     items: int = Field(default=0, ge=0, description="records processed")
 
 
+SeqMarks = dict[str, int]
+
+
 class SensoryBufferState(Record):
     """Per-user sensory buffer (Faust table value; changelogged)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     user_id: UserId
     turns: list[CompressedTurn] = Field(default_factory=list)
     encoder_tokens: int = Field(default=0, ge=0)
+    last_seq: SeqMarks = Field(
+        default_factory=dict,
+        description="highest seq accepted per session (the most recent sessions): a turn at or below it is a "
+        "redelivery and is dropped, so a re-produced turn never enters the buffer twice",
+    )
 
 
 class STMBufferState(Record):
     """Per-user short-term buffer of segments (Faust table value; changelogged)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     user_id: UserId
     segments: list[TopicSegment] = Field(default_factory=list)
     tokens: int = Field(default=0, ge=0)
     last_event_at: AwareDatetime | None = Field(default=None, description="wall time of the last add")
+    last_seq: SeqMarks = Field(
+        default_factory=dict,
+        description="highest seq handed to STM per session (the most recent sessions): turns at or below it are "
+        "dropped from a segment, so no turn enters two extraction batches",
+    )
+
+
+class SensoryTableRow(Record):
+    """A row of the worker's ``sensory`` table (key: user id; value: this JSON; changelogged)."""
+
+    schema_version: Literal[1] = 1
+    state: SensoryBufferState
+    offset: int = Field(default=-1, ge=-1, description="last raw-turn offset applied to the state")
+    seen_at: float = Field(default=0.0, ge=0, description="epoch seconds (stream time) of the user's last turn")
+    pending: SeqMarks = Field(
+        default_factory=dict, description="marks of the turns an idle flush sent to STM, until STM has taken them"
+    )
+
+
+class STMTableRow(Record):
+    """A row of the worker's ``stm`` table (key: user id; value: this JSON; changelogged)."""
+
+    schema_version: Literal[1] = 1
+    state: STMBufferState
+    offset: int = Field(default=-1, ge=-1, description="last segment offset applied to the state")
+    recent: list[str] = Field(default_factory=list, description="ids of the last segments handed to extraction")
 
 
 SCHEMA_MODELS: dict[str, type[Record]] = {
@@ -220,4 +254,6 @@ SCHEMA_MODELS: dict[str, type[Record]] = {
     "stage_cost": StageCost,
     "sensory_buffer_state": SensoryBufferState,
     "stm_buffer_state": STMBufferState,
+    "sensory_table_row": SensoryTableRow,
+    "stm_table_row": STMTableRow,
 }

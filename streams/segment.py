@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from schemas import CompressedTurn, SensoryBufferState, TopicSegment
-from streams import ids
+from streams import ids, seqmarks
 from streams.settings import SegmentationSettings
 
 BoundaryKind = Literal["attention+similarity", "similarity", "single", "oversize", "flush"]
@@ -115,8 +115,10 @@ def make_segment(user_id: str, turns: Sequence[CompressedTurn], boundary: Bounda
     )
 
 
-def _state(user_id: str, turns: Sequence[CompressedTurn]) -> SensoryBufferState:
-    return SensoryBufferState(user_id=user_id, turns=list(turns), encoder_tokens=sum(t.encoder_tokens for t in turns))
+def _state(user_id: str, turns: Sequence[CompressedTurn], last_seq: dict[str, int]) -> SensoryBufferState:
+    return SensoryBufferState(
+        user_id=user_id, turns=list(turns), encoder_tokens=sum(t.encoder_tokens for t in turns), last_seq=last_seq
+    )
 
 
 def cut(
@@ -138,7 +140,7 @@ def cut(
     if force or not pieces:
         segments.append(make_segment(state.user_id, tail, "flush" if force and pieces else kind))
         tail = []
-    return segments, _state(state.user_id, tail)
+    return segments, _state(state.user_id, tail, state.last_seq)
 
 
 def segment(
@@ -147,8 +149,9 @@ def segment(
     """Add one turn to a user's sensory buffer; return the segments this closes and the new buffer."""
     if turn.user_id != state.user_id:
         raise ValueError(f"turn of user {turn.user_id!r} added to the buffer of {state.user_id!r}")
-    if any(t.turn_id == turn.turn_id for t in state.turns):
-        return [], state  # redelivery of a buffered turn: already counted
+    if seqmarks.taken(state.last_seq, turn) or any(t.turn_id == turn.turn_id for t in state.turns):
+        return [], state  # redelivery (a re-produced or re-consumed turn): already taken
+    marks = seqmarks.advance(state.last_seq, [turn])
     limit = segmenter.settings.buffer_tokens
     out: list[TopicSegment] = []
     if state.turns and state.encoder_tokens + turn.encoder_tokens > limit:
@@ -157,11 +160,11 @@ def segment(
         # while it is small; otherwise emit it, so no turn is re-read by more than two attention passes.
         if state.turns and (state.encoder_tokens > limit // 2 or state.encoder_tokens + turn.encoder_tokens > limit):
             out.append(make_segment(state.user_id, state.turns, "flush"))
-            state = _state(state.user_id, [])
+            state = _state(state.user_id, [], state.last_seq)
     if not state.turns and turn.encoder_tokens > limit:
         out.append(make_segment(state.user_id, [turn], "oversize"))
-        return out, state
-    return out, _state(state.user_id, [*state.turns, turn])
+        return out, _state(state.user_id, [], marks)
+    return out, _state(state.user_id, [*state.turns, turn], marks)
 
 
 def flush(state: SensoryBufferState, segmenter: Segmenter) -> tuple[list[TopicSegment], SensoryBufferState]:

@@ -10,11 +10,25 @@ from __future__ import annotations
 from datetime import datetime
 
 from schemas import STMBufferState, TopicSegment
+from streams import seqmarks
+from streams.segment import make_segment
 from streams.settings import STMSettings
 
 
-def empty(user_id: str) -> STMBufferState:
-    return STMBufferState(user_id=user_id)
+def empty(user_id: str, last_seq: dict[str, int] | None = None) -> STMBufferState:
+    return STMBufferState(user_id=user_id, last_seq=last_seq or {})
+
+
+def fresh_part(state: STMBufferState, segment: TopicSegment) -> TopicSegment | None:
+    """The segment without the turns STM already took (None when it holds none that are new).
+
+    A segment rebuilt from new turns only gets the id of those turns: after a worker restart the sensory stage
+    may cut its buffer elsewhere than before the crash, and a turn must still reach one batch only.
+    """
+    new = [t for t in segment.turns if not seqmarks.taken(state.last_seq, t)]
+    if len(new) == len(segment.turns):
+        return segment
+    return make_segment(segment.user_id, new, segment.boundary) if new else None
 
 
 def add(
@@ -25,11 +39,17 @@ def add(
         raise ValueError(f"segment of user {segment.user_id!r} added to the STM buffer of {state.user_id!r}")
     if any(s.segment_id == segment.segment_id for s in state.segments):
         return None, state  # redelivery: already buffered
-    segments = [*state.segments, segment]
-    tokens = state.tokens + segment.tokens
+    part = fresh_part(state, segment)
+    if part is None:
+        return None, state  # every turn of it was taken already (a redelivery)
+    marks = seqmarks.advance(state.last_seq, part.turns)
+    segments = [*state.segments, part]
+    tokens = state.tokens + part.tokens
     if tokens >= settings.threshold_tokens:
-        return segments, empty(state.user_id)
-    return None, STMBufferState(user_id=state.user_id, segments=segments, tokens=tokens, last_event_at=now)
+        return segments, empty(state.user_id, marks)
+    return None, STMBufferState(
+        user_id=state.user_id, segments=segments, tokens=tokens, last_event_at=now, last_seq=marks
+    )
 
 
 def due(state: STMBufferState, now: datetime, settings: STMSettings) -> bool:
@@ -43,4 +63,4 @@ def flush(state: STMBufferState) -> tuple[list[TopicSegment] | None, STMBufferSt
     """Hand over whatever is buffered (on demand or on idle timeout)."""
     if not state.segments:
         return None, state
-    return list(state.segments), empty(state.user_id)
+    return list(state.segments), empty(state.user_id, state.last_seq)

@@ -11,7 +11,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.records import SensoryBufferState, STMBufferState
-from streams.kafka.app import GAP_ACCEPT_S, SensoryRow, Shell, STMRow, progress_key
+from streams.kafka.app import RESEEK_S, SensoryRow, Shell, STMRow, progress_key
 from streams.kafka.replay import replay_settings
 from streams.kafka.topics import key_of, message_dead_letter, partition_for, sink_group_id, topic_specs
 from streams.settings import KafkaSettings, Settings
@@ -48,13 +48,14 @@ def test_topic_specs_follow_settings() -> None:
 
 def test_rows_round_trip() -> None:
     t = compressed_turn("alice", 0, "hello there")
-    row = SensoryRow(SensoryBufferState(user_id="alice", turns=[t], encoder_tokens=3), 41, 123.5, ["seg-1"])
+    row = SensoryRow(SensoryBufferState(user_id="alice", turns=[t], encoder_tokens=3), 41, 123.5, {"s1": 4})
     back = SensoryRow.load(row.dump(), "alice")
     assert back == row
     assert SensoryRow.load(None, "bob").state == SensoryBufferState(user_id="bob")
     srow = STMRow(STMBufferState(user_id="alice"), 7, ["a", "b"])
     assert STMRow.load(srow.dump(), "alice") == srow
     assert srow.knows("a") and not srow.knows("c")
+    assert srow.took({}) and not srow.took({"s1": 0})
 
 
 @pytest.fixture
@@ -71,9 +72,13 @@ def test_tables_write_to_the_users_partition(shell: Shell) -> None:
 class FakeConsumer:
     def __init__(self) -> None:
         self.seeks: list[tuple[Any, int]] = []
+        self.log_start = 0
 
     async def seek(self, tp: Any, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    async def earliest_offsets(self, *tps: Any) -> dict[Any, int]:
+        return {tp: self.log_start for tp in tps}
 
 
 def _msg(shell: Shell, offset: int, partition: int = 2) -> Any:
@@ -97,12 +102,19 @@ async def test_delivery_order_check_seeks_back_over_a_gap(shell: Shell, monkeypa
         assert await shell._in_order(_msg(shell, offset), table)
     # other partitions are independent
     assert await shell._in_order(_msg(shell, 0, partition=1), table)
-    # a gap that is still there long after the seek (log start moved) is accepted
+    # a gap still there long after the seek is sought back again, never skipped while the broker holds it
     assert not await shell._in_order(_msg(shell, 9), table)
-    tp, offset = next(iter(shell._sought.items()))
-    shell._sought[tp] = (offset[0], offset[1] - GAP_ACCEPT_S - 1)
+    tp, sought = next((k, v) for k, v in shell._sought.items() if k.partition == 2)
+    shell._sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
+    assert not await shell._in_order(_msg(shell, 9), table)
+    assert [o for _, o in consumer.seeks] == [2, 6, 6]
+    # ... and accepted only once retention deleted it (the log start moved past it)
+    consumer.log_start = 8
+    shell._sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
+    assert not await shell._in_order(_msg(shell, 9), table)  # 8 still exists: sought back to it
+    assert consumer.seeks[-1][1] == 8
+    assert await shell._in_order(_msg(shell, 8), table)
     assert await shell._in_order(_msg(shell, 9), table)
-    assert await shell._in_order(_msg(shell, 10), table)
 
 
 def test_dead_letter_of_a_consumed_record_keeps_the_bytes_and_origin() -> None:

@@ -185,3 +185,24 @@ def test_first_layer_fast_path_equals_the_eager_model():
     assert fast.shape == eager.shape == (len(ids), len(ids))
     assert np.abs(fast - eager).max() < 1e-5
     assert spans[0] == (1, 1 + len(enc.tokenizer.encode(texts[0], add_special_tokens=False)))
+
+
+def test_a_turn_reproduced_after_it_left_the_buffer_is_dropped():
+    seg = make_segmenter(buffer_tokens=16)
+    state = SensoryBufferState(user_id="u")
+    emitted = []
+    turns = [compressed_turn("u", i, f"topic{i // 2} words here", encoder_tokens=6) for i in range(6)]
+    for t in turns:
+        out, state = sg.segment(state, t, seg)
+        emitted.extend(out)
+    assert emitted, "the buffer must have cut at least once"
+    before = state
+    for t in turns:  # the whole session again, at new offsets: nothing new enters
+        out, state = sg.segment(state, t, seg)
+        assert out == []
+    assert state == before
+    # a later turn of the session still goes in, and another session is independent
+    out, state = sg.segment(state, compressed_turn("u", 6, "topic3 words here", encoder_tokens=6), seg)
+    assert state.last_seq == {"s1": 6}
+    _, state = sg.segment(state, compressed_turn("u", 0, "other session", session="s2"), seg)
+    assert state.last_seq == {"s1": 6, "s2": 0}

@@ -50,3 +50,22 @@ def test_redelivered_segment_is_not_buffered_twice():
 def test_wrong_user_rejected():
     with pytest.raises(ValueError, match="STM buffer"):
         stm.add(stm.empty("a"), seg("b", 0, 1), T0, STMSettings())
+
+
+def test_turns_already_taken_never_reach_a_second_batch():
+    st = STMSettings(threshold_tokens=6)
+    now = T0
+    turns = [compressed_turn("u", i, "one two three") for i in range(5)]
+    first = make_segment("u", turns[:2], "single")
+    batch, state = stm.add(stm.empty("u"), first, now, st)
+    assert batch == [first] and state.last_seq == {"s1": 1}
+    # the same segment again (redelivered after its batch left): dropped
+    assert stm.add(state, first, now, st) == (None, state)
+    # a segment cut elsewhere after a restart, overlapping what was taken: only the new turns go on
+    overlap = make_segment("u", turns[1:3], "single")
+    batch, state2 = stm.add(state, overlap, now, st)
+    assert batch is None and [t.seq for s in state2.segments for t in s.turns] == [2]
+    assert state2.segments[0].segment_id == make_segment("u", turns[2:3], "single").segment_id
+    # flushing keeps the marks
+    out, state3 = stm.flush(state2)
+    assert out and state3.last_seq == {"s1": 2} and not state3.segments

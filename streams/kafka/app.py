@@ -19,22 +19,25 @@ other partitions, heartbeats and commits; the LLM call is awaited on the loop.
 State: both tables live in memory (``store="memory://"``) and are backed by compacted changelog topics,
 so a restarted or added worker recovers them. A table row is JSON::
 
-    sensory[user] = {"state": SensoryBufferState, "offset": last raw-turn offset applied,
-                     "seen_at": epoch s of the user's last turn, "pending": [segment ids flushed by the timer]}
-    stm[user]     = {"state": STMBufferState, "offset": last segment offset applied,
-                     "recent": [ids of the last segments handed to extraction]}
+    sensory[user] = SensoryTableRow {state: SensoryBufferState, offset: last raw-turn offset applied,
+                     seen_at: epoch s of the user's last turn, pending: marks of turns flushed by the timer}
+    stm[user]     = STMTableRow {state: STMBufferState, offset: last segment offset applied,
+                     recent: ids of the last segments handed to extraction}
+
+(versioned models in ``schemas.records``, with JSON Schema files like every topic record).
 
 Delivery is at-least-once. Each record's outputs are acknowledged by Kafka *before* the row that
 records it is written, and the row carries the offset it applied, so after a crash: a redelivered
 record at or below that offset is skipped; a record whose outputs went out but whose row did not is
 recomputed (same deterministic ids); a re-emitted segment already batched is skipped via ``recent``;
-a re-emitted summary overwrites itself in the store. Workers never open Qdrant.
+a re-emitted summary overwrites itself in the store. A turn re-produced at a new offset (same user, session
+and seq) is dropped by the per-session seq marks of the user's buffers (``streams.seqmarks``), and STM drops
+turns it already took from any segment, so no turn reaches two extraction batches. Workers never open Qdrant.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import defaultdict
@@ -53,12 +56,14 @@ from schemas.records import (
     DeadLetter,
     RawTurn,
     SensoryBufferState,
+    SensoryTableRow,
     StageCost,
     STMBufferState,
+    STMTableRow,
     TopicSegment,
 )
 from streams import segment as sensory
-from streams import stm
+from streams import seqmarks, stm
 from streams.cost import CostLedger
 from streams.pipeline import Stages
 from streams.settings import Settings
@@ -77,33 +82,36 @@ log = logging.getLogger("streams.kafka.app")
 
 RECENT_SEGMENTS = 1024  # ids of batched segments remembered per user (re-emission guard)
 STATS_EVERY_S = 5.0
-GAP_ACCEPT_S = 10.0  # a gap still there this long after seeking back is accepted (log start moved)
+RESEEK_S = 10.0  # a gap still there this long after seeking back is sought back again
 STALL_S = 3.0  # an agent idle this long while a partition of it is behind its end re-fetches that partition
 PROGRESS = b"\x00progress:"  # table keys of per-partition progress rows (user ids never start with NUL)
 
 
 @dataclass
 class SensoryRow:
+    """A mutable view of a ``SensoryTableRow`` (the versioned JSON record of the table)."""
+
     state: SensoryBufferState
     offset: int = -1
     seen_at: float = 0.0
-    pending: list[str] = field(default_factory=list)
+    pending: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def load(cls, raw: bytes | None, user_id: str) -> SensoryRow:
         if raw is None:
             return cls(SensoryBufferState(user_id=user_id))
-        d = json.loads(raw)
-        return cls(SensoryBufferState.model_validate(d["state"]), d["offset"], d["seen_at"], d.get("pending", []))
+        r = SensoryTableRow.model_validate_json(raw)
+        return cls(r.state, r.offset, r.seen_at, dict(r.pending))
 
     def dump(self) -> bytes:
-        d = {"state": self.state.model_dump(mode="json"), "offset": self.offset, "seen_at": self.seen_at}
-        d["pending"] = self.pending
-        return json.dumps(d, separators=(",", ":")).encode()
+        row = SensoryTableRow(state=self.state, offset=self.offset, seen_at=self.seen_at, pending=self.pending)
+        return row.model_dump_json().encode()
 
 
 @dataclass
 class STMRow:
+    """A mutable view of an ``STMTableRow``."""
+
     state: STMBufferState
     offset: int = -1
     recent: list[str] = field(default_factory=list)
@@ -112,15 +120,18 @@ class STMRow:
     def load(cls, raw: bytes | None, user_id: str) -> STMRow:
         if raw is None:
             return cls(stm.empty(user_id))
-        d = json.loads(raw)
-        return cls(STMBufferState.model_validate(d["state"]), d["offset"], d.get("recent", []))
+        r = STMTableRow.model_validate_json(raw)
+        return cls(r.state, r.offset, list(r.recent))
 
     def dump(self) -> bytes:
-        d = {"state": self.state.model_dump(mode="json"), "offset": self.offset, "recent": self.recent}
-        return json.dumps(d, separators=(",", ":")).encode()
+        return STMTableRow(state=self.state, offset=self.offset, recent=self.recent).model_dump_json().encode()
 
     def knows(self, segment_id: str) -> bool:
         return segment_id in self.recent or any(s.segment_id == segment_id for s in self.state.segments)
+
+    def took(self, marks: dict[str, int]) -> bool:
+        """True when STM has taken every turn up to these marks (buffered or batched)."""
+        return all(self.state.last_seq.get(session, -1) >= seq for session, seq in marks.items())
 
 
 class UserTable(faust.Table):
@@ -147,6 +158,7 @@ def progress_key(partition: int) -> bytes:
 class WorkerStats:
     turns: int = 0
     skipped_turns: int = 0
+    duplicate_turns: int = 0
     segments_out: int = 0
     segments_in: int = 0
     summaries: int = 0
@@ -262,10 +274,12 @@ class Shell:
 
         Offsets of our topics are contiguous (no compaction, no transactional markers), so a delivery past
         the next expected offset means the consumer dropped records: Faust discards a fetch that completes
-        during a rebalance and moves on. Then the partition is sought back to the expected offset and
-        deliveries past it are dropped until the re-fetch arrives (a redelivery at or below what a user's
-        row applied is skipped downstream). A gap still there ``GAP_ACCEPT_S`` after the seek is accepted:
-        the log start moved past it (retention).
+        during a rebalance, and counts the skipped offsets as a "gap" it commits past. The partition is then
+        sought back to the expected offset and deliveries past it are dropped until the re-fetch arrives (a
+        redelivery at or below what a user's row applied is skipped downstream); the seek is repeated every
+        ``RESEEK_S`` while the gap stays. A gap is accepted only when the broker says those offsets are gone
+        (the partition's log start offset moved past them: retention), never because time passed: a busy
+        worker whose re-fetch is slow must not skip records.
         """
         tp = TP(msg.topic, msg.partition)
         expected = self._expected.get(tp)
@@ -278,26 +292,43 @@ class Shell:
             return True
         now = time.monotonic()
         sought = self._sought.get(tp)
-        if sought is not None and sought[0] == expected and now - sought[1] >= GAP_ACCEPT_S:
+        if sought is not None and sought[0] == expected and now - sought[1] < RESEEK_S:
+            return False  # the re-fetch from the expected offset is on its way
+        start = await self._log_start(tp)
+        if start is not None and start > expected:
             log.warning(
-                "partition %s[%d]: offsets %d..%d are gone; going on", tp.topic, tp.partition, expected, msg.offset - 1
-            )
-            self._sought.pop(tp, None)
-            self._expected[tp] = msg.offset + 1
-            return True
-        if sought is None or sought[0] != expected:
-            log.warning(
-                "partition %s[%d]: offset %d delivered while %d was expected (the consumer dropped records); "
-                "seeking back",
+                "partition %s[%d]: offsets %d..%d were deleted by retention (log start %d); going on",
                 tp.topic,
                 tp.partition,
-                msg.offset,
                 expected,
+                min(start, msg.offset) - 1,
+                start,
             )
-            self.stats.reseeks += 1
-            self._sought[tp] = (expected, now)
-            await self.app.consumer.seek(tp, expected)
+            self._sought.pop(tp, None)
+            if msg.offset <= start:
+                self._expected[tp] = msg.offset + 1
+                return True
+            self._expected[tp] = start
+            expected = start
+        log.warning(
+            "partition %s[%d]: offset %d delivered while %d was expected (the consumer dropped records); seeking back",
+            tp.topic,
+            tp.partition,
+            msg.offset,
+            expected,
+        )
+        self.stats.reseeks += 1
+        self._sought[tp] = (expected, now)
+        await self.app.consumer.seek(tp, expected)
         return False
+
+    async def _log_start(self, tp: TP) -> int | None:
+        try:
+            got = await self.app.consumer.earliest_offsets(tp)
+        except Exception:  # noqa: BLE001 - unknown now: keep waiting for the re-fetch, never skip
+            log.warning("cannot read the log start offset of %s[%d]", tp.topic, tp.partition, exc_info=True)
+            return None
+        return got.get(tp)
 
     async def _on_assigned(self, *args: Any, **kwargs: Any) -> None:
         self._expected.clear()
@@ -373,9 +404,19 @@ class Shell:
             await self._dead(dead)
         if not parsed:
             return
-        # redeliveries below a user's applied offset are skipped before any model work
-        fresh = [(t, m) for t, m in parsed if m.offset > self._sensory_row(m.key, t.user_id).offset]
-        self.stats.skipped_turns += len(parsed) - len(fresh)
+        # redeliveries below a user's applied offset, and turns of a session at or below the seq the user's
+        # buffer already took (a re-produced turn: same user, session and seq at a new offset), are skipped
+        # before any model work; segment() applies the same seq rule, so the embedded runner drops them too
+        fresh = []
+        for t, m in parsed:
+            row = self._sensory_row(m.key, t.user_id)
+            if m.offset <= row.offset:
+                self.stats.skipped_turns += 1
+            elif t.seq <= row.state.last_seq.get(t.session_id, -1):
+                self.stats.duplicate_turns += 1
+                log.debug("duplicate turn %s (%s #%d) at offset %d dropped", t.turn_id, t.session_id, t.seq, m.offset)
+            else:
+                fresh.append((t, m))
         if not fresh:
             return
         t0 = time.perf_counter()
@@ -577,7 +618,7 @@ class Shell:
             self.stats.segments_out += len(segments)
             self.stats.idle_flushes += 1
             row.state = state
-            row.pending = [s.segment_id for s in segments]
+            row.pending = seqmarks.advance(row.pending, [t for s in segments for t in s.turns])
             self.sensory_table[key] = row.dump()
             log.info("idle flush of %s: %d segment(s) from the sensory buffer", user, len(segments))
 
@@ -592,9 +633,9 @@ class Shell:
                 return  # the user is still active upstream: more segments will come
             row = STMRow.load(self.stm_table.get(key), user)
             if srow.pending:
-                if not all(row.knows(s) for s in srow.pending):
-                    return  # segments flushed by the timer have not reached STM yet
-                srow.pending = []
+                if not row.took(srow.pending):
+                    return  # turns flushed by the timer have not reached STM yet
+                srow.pending = {}
                 self.sensory_table[key] = srow.dump()
             if not stm.due(row.state, now, self.settings.stm):
                 return

@@ -22,9 +22,7 @@ def _turn_counts(env: KafkaEnv) -> Counter[str]:
 
 
 @pytest.mark.parametrize("kill", [False, True], ids=["no-kill", "sigkill"])
-def test_turns_produced_twice(
-    make_kafka_env: Any, locomo_conversations: Any, llm_proc: LLMProcess, kill: bool
-) -> None:
+def test_turns_produced_twice(make_kafka_env: Any, locomo_conversations: Any, llm_proc: LLMProcess, kill: bool) -> None:
     env: KafkaEnv = make_kafka_env()
     users = users_on_distinct_partitions(3, env.settings.kafka.partitions)
     turns = corpus(locomo_conversations, users, 1)
