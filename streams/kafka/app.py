@@ -50,9 +50,9 @@ from typing import Any
 
 import faust
 from faust.types import TP
-from pydantic import ValidationError
 
 from schemas.records import (
+    ControlRecord,
     DeadLetter,
     RawTurn,
     SensoryBufferState,
@@ -68,14 +68,15 @@ from streams.cost import CostLedger
 from streams.pipeline import Stages
 from streams.settings import Settings
 
+from .codec import decode
 from .topics import (
     dumps,
     error_dead_letter,
     key_of,
+    keyed_send,
     message_dead_letter,
     partition_for,
-    validation_kind,
-    validation_reason,
+    spec_of,
 )
 
 log = logging.getLogger("streams.kafka.app")
@@ -165,6 +166,8 @@ class WorkerStats:
     dead_letters: int = 0
     idle_flushes: int = 0
     reseeks: int = 0
+    erasures: int = 0
+    redeliveries: int = 0
 
 
 class Shell:
@@ -225,6 +228,8 @@ class Shell:
         self.segments_topic = app.topic(t.segments, partitions=self.partitions, **raw_kw)
         self.summaries_topic = app.topic(t.summaries, partitions=self.partitions, **raw_kw)
         self.dlq_topic = app.topic(t.dead_letters, partitions=self.partitions, **raw_kw)
+        self._raw_spec = spec_of(settings.kafka, "raw_turns")
+        self._segments_spec = spec_of(settings.kafka, "segments")
         self.sensory_table = self._table("sensory", "per-user sensory buffer (JSON)")
         self.stm_table = self._table("stm", "per-user STM buffer (JSON)")
 
@@ -250,8 +255,10 @@ class Shell:
     async def _cpu_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
-    async def _send(self, topic: faust.types.TopicT, key: bytes | None, value: bytes) -> Any:
-        return await topic.send(key=key, value=value)
+    async def _send(
+        self, topic: faust.types.TopicT, key: bytes | None, value: bytes, partition: int | None = None
+    ) -> Any:
+        return await topic.send(key=key, value=value, partition=partition)
 
     async def _send_all(self, sends: Sequence[tuple[faust.types.TopicT, bytes | None, bytes]]) -> None:
         """Send and wait until Kafka acknowledged every record."""
@@ -263,7 +270,12 @@ class Shell:
         for d in letters:
             log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)
         self.stats.dead_letters += len(letters)
-        await self._send_all([(self.dlq_topic, key_of(d.key), dumps(d)) for d in letters])
+        futures = []
+        for d in letters:
+            kw = keyed_send(d.key, d.dlq_id, self.partitions)
+            futures.append(await self._send(self.dlq_topic, kw["key"], dumps(d), kw["partition"]))
+        if futures:
+            await asyncio.gather(*futures)
 
     def _local(self, key: bytes) -> bool:
         p = partition_for(key, self.partitions)
@@ -276,7 +288,7 @@ class Shell:
         the next expected offset means the consumer dropped records: Faust discards a fetch that completes
         during a rebalance, and counts the skipped offsets as a "gap" it commits past. The partition is then
         sought back to the expected offset and deliveries past it are dropped until the re-fetch arrives (a
-        redelivery at or below what a user's row applied is skipped downstream); the seek is repeated every
+        redelivery below the expected offset was handled already and is skipped); the seek is repeated every
         ``RESEEK_S`` while the gap stays. A gap is accepted only when the broker says those offsets are gone
         (the partition's log start offset moved past them: retention), never because time passed: a busy
         worker whose re-fetch is slow must not skip records.
@@ -285,10 +297,14 @@ class Shell:
         expected = self._expected.get(tp)
         if expected is None:
             expected = self._progress(table, msg.partition) + 1
-        if msg.offset <= expected:
-            if msg.offset == expected:
-                self._sought.pop(tp, None)
-            self._expected[tp] = max(expected, msg.offset + 1)
+        if msg.offset < expected:
+            # handled already: an agent handles one record at a time and records the partition's progress
+            # after the record's effects (rows, outputs), so everything below it is done
+            self.stats.redeliveries += 1
+            return False
+        if msg.offset == expected:
+            self._sought.pop(tp, None)
+            self._expected[tp] = expected + 1
             return True
         now = time.monotonic()
         sought = self._sought.get(tp)
@@ -384,22 +400,37 @@ class Shell:
             self._activity[topic] = time.monotonic()
 
     async def _handle_turns(self, messages: Sequence[Any]) -> None:
+        run: list[Any] = []
+        for msg in messages:  # in offset order; an erasure barrier splits the run
+            rec = decode(self._raw_spec, msg, "ingest")
+            if isinstance(rec, ControlRecord):
+                await self._turn_run(run)
+                run = []
+                await self._erase_sensory(msg, rec)
+            else:
+                run.append((msg, rec))
+        await self._turn_run(run)
+
+    async def _erase_sensory(self, msg: Any, cmd: ControlRecord) -> None:
+        """The erasure barrier in the user's raw turns: drop their sensory row, pass the barrier on to STM."""
+        async with self._locks[msg.key]:
+            self.sensory_table.pop(msg.key, None)  # a tombstone in the changelog
+            await self._send_all([(self.segments_topic, msg.key, dumps(cmd))])
+            self.stats.erasures += 1
+        log.info("erasure of %s: sensory buffer dropped (raw offset %d)", cmd.user_id, msg.offset)
+
+    async def _turn_run(self, run: Sequence[tuple[Any, Any]]) -> None:
         parsed: list[tuple[RawTurn, Any]] = []
         dead: list[DeadLetter] = []
-        for msg in messages:
-            try:
-                turn = RawTurn.model_validate_json(msg.value if msg.value is not None else b"")
-            except ValidationError as exc:
-                dead.append(message_dead_letter(msg, "ingest", validation_reason(exc), validation_kind(exc)))
-                continue
-            if msg.key != key_of(turn.user_id):
-                reason = f"record key {msg.key!r} is not the turn's user id {turn.user_id!r}"
-                dead.append(message_dead_letter(msg, "ingest", reason, "KeyMismatch"))
-                continue
-            if turn.user_id.startswith("\x00"):
-                dead.append(message_dead_letter(msg, "ingest", "user ids must not start with NUL", "ReservedUserId"))
-                continue
-            parsed.append((turn, msg))
+        for msg, rec in run:
+            if isinstance(rec, DeadLetter):
+                dead.append(rec)
+            elif isinstance(rec, RawTurn):
+                if rec.user_id.startswith("\x00"):
+                    reason = "user ids must not start with NUL"
+                    dead.append(message_dead_letter(msg, "ingest", reason, "ReservedUserId"))
+                else:
+                    parsed.append((rec, msg))
         if dead:
             await self._dead(dead)
         if not parsed:
@@ -472,15 +503,18 @@ class Shell:
             self._activity[topic] = time.monotonic()
 
     async def _handle_segment(self, msg: Any) -> None:
-        try:
-            seg = TopicSegment.model_validate_json(msg.value if msg.value is not None else b"")
-        except ValidationError as exc:
-            await self._dead([message_dead_letter(msg, "stm", validation_reason(exc), validation_kind(exc))])
+        rec = decode(self._segments_spec, msg, "stm")
+        if isinstance(rec, DeadLetter):
+            await self._dead([rec])
             return
-        if msg.key != key_of(seg.user_id):
-            reason = f"record key {msg.key!r} is not the segment's user id {seg.user_id!r}"
-            await self._dead([message_dead_letter(msg, "stm", reason, "KeyMismatch")])
+        if isinstance(rec, ControlRecord):
+            async with self._locks[msg.key]:
+                self.stm_table.pop(msg.key, None)
+                await self._send_all([(self.summaries_topic, msg.key, dumps(rec))])
+            log.info("erasure of %s: STM buffer dropped, barrier passed to the sink", rec.user_id)
             return
+        assert isinstance(rec, TopicSegment)
+        seg = rec
         async with self._locks[msg.key]:
             row = STMRow.load(self.stm_table.get(msg.key), seg.user_id)
             if msg.offset <= row.offset or row.knows(seg.segment_id):

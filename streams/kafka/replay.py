@@ -5,8 +5,9 @@ model, prompt or compression rate. Replay reads the topic with a fresh consumer 
 committed) from the beginning up to the end offsets captured at start, validates each record as the
 worker does, and feeds the turns in offset order through the SAME stage functions via
 ``streams.pipeline.EmbeddedPipeline`` (collection = the new one, optionally another embedder); at the
-end every user's buffers are flushed. Ids are deterministic, so with nothing changed the new
-collection holds exactly the point ids the stream produced.
+end every user's buffers are flushed. An erasure barrier in the log drops everything of its user before it
+(buffers, memories already replayed), so replay after an erasure never brings the user back. Ids are
+deterministic, so with nothing changed the new collection holds exactly the point ids the stream produced.
 
 Idle gaps: the worker flushes a user idle for ``settings.stm.idle_timeout_s``. Replay reproduces that
 from the records' timestamps: a user's turn more than the idle timeout after their previous one first
@@ -22,21 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
-from schemas.records import RawTurn
+from schemas.records import ControlRecord, DeadLetter, RawTurn
 from streams.settings import Settings
 
+from .codec import decode
 from .topics import (
     BrokerUnavailable,
     assign_and_refresh,
     broker_available,
-    key_of,
-    message_dead_letter,
     partitions_of,
+    spec_of,
     stable_end_offsets,
-    validation_kind,
-    validation_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,7 @@ class ReplayReport:
     turns: int = 0
     users: int = 0
     dead_letters: int = 0
+    erasures: int = 0
     memory_ids: list[str] = field(default_factory=list)
     end_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -91,6 +90,7 @@ async def replay_topic(
     pipeline: EmbeddedPipeline | None = None
     try:
         topic = kafka.topics.raw_turns
+        spec = spec_of(kafka, "raw_turns")
         n = (await partitions_of(kafka, [topic])).get(topic)
         if not n:
             raise RuntimeError(f"topic {topic} does not exist at {kafka.bootstrap_servers}")
@@ -111,12 +111,12 @@ async def replay_topic(
         last_ts: dict[str, int] = {}
         pending: list[RawTurn] = []
         users: set[str] = set()
-        memory_ids: dict[str, None] = {}
+        memory_ids: dict[str, str] = {}  # memory id → user
 
         async def ingest() -> None:
             if pending:
                 r = await pipeline.ingest(list(pending))
-                memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+                memory_ids.update({m.memory_id: m.user_id for m in r.memories})
                 report.dead_letters += len(r.dead_letters)
                 pending.clear()
 
@@ -129,23 +129,29 @@ async def replay_topic(
                     if rec.offset >= end[tp]:
                         break
                     seen += 1
-                    try:
-                        turn = RawTurn.model_validate_json(rec.value if rec.value is not None else b"")
-                    except ValidationError as exc:
-                        dl = message_dead_letter(rec, "ingest", validation_reason(exc), validation_kind(exc))
-                        pipeline.dead_letters.send(dl)
+                    got = decode(spec, rec, "ingest")
+                    if isinstance(got, DeadLetter):
+                        pipeline.dead_letters.send(got)
                         report.dead_letters += 1
                         continue
-                    if rec.key != key_of(turn.user_id):
-                        reason = f"record key {rec.key!r} is not the turn's user id {turn.user_id!r}"
-                        pipeline.dead_letters.send(message_dead_letter(rec, "ingest", reason, "KeyMismatch"))
-                        report.dead_letters += 1
+                    if isinstance(got, ControlRecord):  # the erasure barrier: nothing of the user before it
+                        user = got.user_id
+                        pending[:] = [t for t in pending if t.user_id != user]
+                        pipeline.sensory.pop(user, None)
+                        pipeline.stm.pop(user, None)
+                        pipeline.store.delete_user(user)
+                        for mid in [m for m, u in memory_ids.items() if u == user]:
+                            del memory_ids[mid]
+                        last_ts.pop(user, None)
+                        report.erasures += 1
                         continue
+                    assert isinstance(got, RawTurn)
+                    turn = got
                     prev = last_ts.get(turn.user_id)
                     if idle_gaps and prev is not None and rec.timestamp - prev >= idle_ms:
                         await ingest()  # this user's earlier turns first, then the idle flush the worker did
                         r = await pipeline.flush(turn.user_id)
-                        memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+                        memory_ids.update({m.memory_id: m.user_id for m in r.memories})
                         report.dead_letters += len(r.dead_letters)
                     last_ts[turn.user_id] = rec.timestamp
                     users.add(turn.user_id)
@@ -160,7 +166,7 @@ async def replay_topic(
                 progress(seen, total)
         await ingest()
         r = await pipeline.flush()
-        memory_ids.update(dict.fromkeys(m.memory_id for m in r.memories))
+        memory_ids.update({m.memory_id: m.user_id for m in r.memories})
         report.dead_letters += len(r.dead_letters)
         report.users = len(users)
         report.memory_ids = list(memory_ids)

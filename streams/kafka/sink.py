@@ -10,6 +10,9 @@ consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``ma
 2. turns summaries into memories with ``summary_to_memories`` and writes them with ``write_memories``
    (in a worker thread: embedding is CPU work) — memory ids are deterministic, so a redelivered
    summary overwrites itself;
+   An erasure barrier (``ControlRecord`` ``erase_user``, in order with the user's summaries) deletes the
+   user's memories, drops their summaries before it in the batch, tombstones their memory changes and
+   dead letters, and records the erasure time: changes of the user computed before it are dropped;
 3. hands valid memory changes to the ``apply_changes`` hook (the sleep-time engineer's; the default
    logs that they are not applied yet, and never drops them silently);
 4. sends the dead letters and waits for their acknowledgement;
@@ -34,16 +37,17 @@ from pathlib import Path
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from pydantic import ValidationError
 
-from schemas.records import DeadLetter, MemoryChange, MemoryRecord, STMSummary
+from schemas.records import ControlRecord, DeadLetter, MemoryChange, MemoryRecord, STMSummary
 from streams.cost import CostLedger
 from streams.ltm import MemoryStore
 from streams.memories import summary_to_memories, write_memories
 from streams.settings import Settings
 
+from .codec import decode
+from .erasure import purge_user
 from .produce import make_producer
-from .topics import dumps, ensure_topics, key_of, message_dead_letter, sink_group_id, validation_kind, validation_reason
+from .topics import dumps, ensure_topics, keyed_send, message_dead_letter, sink_group_id, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class SinkStats:
     changes: int = 0
     dead_letters: int = 0
     retries: int = 0
+    erasures: int = 0
     last_record_at: float = 0.0
 
 
@@ -103,6 +108,7 @@ class LTMSink:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltm-sink")
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        self.erased: dict[str, datetime] = {}  # user → time of their latest erasure seen (the erasure epoch)
 
     @property
     def topics(self) -> list[str]:
@@ -122,6 +128,16 @@ class LTMSink:
         )
         await self._consumer.start()
         log.info("LTM sink started: group %s, topics %s", self.group_id, ", ".join(self.topics))
+
+    async def _erase(self, cmd: ControlRecord) -> None:
+        """The erasure barrier reached the sink: the user's memories, changes and dead letters go."""
+        loop = asyncio.get_running_loop()
+        points = await loop.run_in_executor(self._pool, self.store.delete_user, cmd.user_id)
+        purged = await purge_user(self.kafka, cmd.user_id)
+        prev = self.erased.get(cmd.user_id)
+        self.erased[cmd.user_id] = max(prev, cmd.requested_at) if prev else cmd.requested_at
+        self.stats.erasures += 1
+        log.info("erased user %s: %d memories, %d change/dead-letter records tombstoned", cmd.user_id, points, purged)
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -176,36 +192,47 @@ class LTMSink:
                 delay = min(delay * 2, self.max_backoff_s)
 
     async def process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Validate, write, dead-letter, then commit one batch."""
+        """Validate, erase, write, dead-letter, then commit one batch."""
         assert self._consumer is not None and self._producer is not None
         summaries: list[STMSummary] = []
         changes: list[MemoryChange] = []
         dead: list[DeadLetter] = []
+        erasures: dict[str, ControlRecord] = {}
         t = self.kafka.topics
+        specs = {t.summaries: spec_of(self.kafka, "summaries"), t.memory_changes: spec_of(self.kafka, "memory_changes")}
         for recs in batch.values():
-            for rec in recs:
+            for rec in recs:  # in offset order per partition: a barrier splits a user's summaries
                 self.stats.records += 1
-                if rec.value is None:
-                    reason = "tombstone (null value) on a record topic"
-                    dead.append(message_dead_letter(rec, "sink", reason, "NullValue"))
+                spec = specs.get(rec.topic)
+                if spec is None:
+                    dead.append(message_dead_letter(rec, "sink", f"unexpected topic {rec.topic}", "UnknownTopic"))
                     continue
-                try:
-                    if rec.topic == t.summaries:
-                        summaries.append(STMSummary.model_validate_json(rec.value))
-                    elif rec.topic == t.memory_changes:
-                        changes.append(MemoryChange.model_validate_json(rec.value))
-                    else:
-                        dead.append(message_dead_letter(rec, "sink", f"unexpected topic {rec.topic}", "UnknownTopic"))
-                except ValidationError as exc:
-                    dead.append(message_dead_letter(rec, "sink", validation_reason(exc), validation_kind(exc)))
+                got = decode(spec, rec, "sink")
+                if isinstance(got, DeadLetter):
+                    dead.append(got)
+                elif isinstance(got, ControlRecord):
+                    # the summaries before the barrier derive from turns produced before the erasure: gone
+                    summaries = [s for s in summaries if s.user_id != got.user_id]
+                    erasures[got.user_id] = got
+                elif isinstance(got, STMSummary):
+                    summaries.append(got)
+                elif isinstance(got, MemoryChange):
+                    changes.append(got)
+        loop = asyncio.get_running_loop()
+        for cmd in erasures.values():
+            await self._erase(cmd)
+        # a change computed before an erasure of its user (the erasure epoch) is dropped
+        late = [c for c in changes if c.user_id in self.erased and c.at <= self.erased[c.user_id]]
+        if late:
+            log.warning("LTM sink: %d memory change(s) older than their user's erasure dropped", len(late))
+            changes = [c for c in changes if c not in late]
 
         now = datetime.now(UTC)
         by_id: dict[str, MemoryRecord] = {}
         for s in summaries:
             for m in summary_to_memories(s, self.settings.pipeline_version, now):
-                by_id[m.memory_id] = m  # a redelivered summary in the same batch: last wins, same id
+                by_id[m.memory_id] = m  # a redelivered summary: same deterministic ids, written once
         records = list(by_id.values())
-        loop = asyncio.get_running_loop()
         if records:
             emb, ups = await loop.run_in_executor(self._pool, write_memories, records, self.embed, self.store.upsert)
             self.ledger.record(emb)
@@ -213,7 +240,11 @@ class LTMSink:
         if changes:
             await loop.run_in_executor(self._pool, self.apply_changes, changes, self.store)
         if dead:
-            futures = [await self._producer.send(t.dead_letters, value=dumps(d), key=key_of(d.key)) for d in dead]
+            n = self.kafka.partitions
+            futures = [
+                await self._producer.send(t.dead_letters, value=dumps(d), **keyed_send(d.key, d.dlq_id, n))
+                for d in dead
+            ]
             await asyncio.gather(*futures)
             for d in dead:
                 log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)

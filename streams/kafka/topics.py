@@ -9,10 +9,13 @@ table changelog partitions (same partition count → Faust co-partitions them).
 | raw_turns           | RawTurn           | delete  | forever (-1 ms, -1 bytes): the log of record |
 | segments            | TopicSegment      | delete  | 7 days (derived, rebuilt by replay)          |
 | summaries           | STMSummary        | delete  | 30 days (derived)                           |
-| memory_changes      | MemoryChange      | delete  | forever: also the audit log                 |
+| memory_changes      | MemoryChange      | compact | forever, key ``<user>/<change id>``: audit log |
 | compaction_requests | CompactionRequest | delete  | 7 days                                      |
-| dead_letters        | DeadLetter        | delete  | forever: nothing silent                     |
+| dead_letters        | DeadLetter        | compact | forever, key ``<user>/<dlq id>``: nothing silent |
 | control             | ControlRecord     | compact | latest command per user kept                |
+
+The erasure barrier (a ``ControlRecord`` ``erase_user``) also travels in-band through raw turns → segments →
+summaries (``TopicSpec.also``), ordered with the user's records; see ``streams.kafka.erasure``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
 FOREVER = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
+# kept forever, one key per record ("<user>/<record id>"), so an erasure can remove a user's records with
+# tombstones (read back as "latest value per key", a tombstoned record is gone at once; compaction then
+# deletes the bytes)
+PURGEABLE = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class TopicSpec:
     replication: int
     record: type[Record]
     config: dict[str, str] = field(default_factory=dict)
+    also: tuple[type[Record], ...] = ()  # in-band records the topic carries too (the erasure barrier)
+    per_record_key: bool = False  # key "<user>/<record id>" (purgeable topics) instead of the user id
 
 
 def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
@@ -62,21 +71,36 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
     t = kafka.topics
     p, r = kafka.partitions, kafka.replication_factor
 
-    def spec(role: str, name: str, record: type[Record], config: dict[str, str]) -> TopicSpec:
-        return TopicSpec(role, name, p, r, record, dict(config))
+    def spec(
+        role: str, name: str, record: type[Record], config: dict[str, str], also: tuple[type[Record], ...] = ()
+    ) -> TopicSpec:
+        return TopicSpec(role, name, p, r, record, dict(config), also)
 
+    barrier = (ControlRecord,)
     return [
-        spec("raw_turns", t.raw_turns, RawTurn, FOREVER),
-        spec("segments", t.segments, TopicSegment, {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}),
-        spec("summaries", t.summaries, STMSummary, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}),
-        spec("memory_changes", t.memory_changes, MemoryChange, FOREVER),
+        spec("raw_turns", t.raw_turns, RawTurn, FOREVER, barrier),
+        spec(
+            "segments",
+            t.segments,
+            TopicSegment,
+            {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
+            barrier,
+        ),
+        spec(
+            "summaries",
+            t.summaries,
+            STMSummary,
+            {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+            barrier,
+        ),
+        TopicSpec("memory_changes", t.memory_changes, p, r, MemoryChange, dict(PURGEABLE), per_record_key=True),
         spec(
             "compaction_requests",
             t.compaction_requests,
             CompactionRequest,
             {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
         ),
-        spec("dead_letters", t.dead_letters, DeadLetter, FOREVER),
+        TopicSpec("dead_letters", t.dead_letters, p, r, DeadLetter, dict(PURGEABLE), per_record_key=True),
         spec("control", t.control, ControlRecord, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
     ]
 
@@ -86,6 +110,28 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
 
 def key_of(user_id: str | None) -> bytes | None:
     return None if user_id is None else user_id.encode("utf-8")
+
+
+def spec_of(kafka: KafkaSettings, role: str) -> TopicSpec:
+    return next(s for s in topic_specs(kafka) if s.role == role)
+
+
+def record_key(user_id: str | None, record_id: str) -> bytes:
+    """Key of a record on a purgeable topic (changes, dead letters): ``<user>/<record id>``."""
+    return f"{user_id or ''}/{record_id}".encode()
+
+
+def user_of_record_key(key: bytes | None) -> str | None:
+    if not key or b"/" not in key:
+        return None
+    user = key.rsplit(b"/", 1)[0].decode("utf-8", "replace")
+    return user or None
+
+
+def keyed_send(user_id: str | None, record_id: str, partitions: int) -> dict[str, Any]:
+    """``send`` arguments for a purgeable topic: the per-record key, in the user's partition (ordered per user)."""
+    part = partition_for(key_of(user_id) or b"", partitions) if user_id is not None else None
+    return {"key": record_key(user_id, record_id), "partition": part}
 
 
 def dumps(record: Record) -> bytes:

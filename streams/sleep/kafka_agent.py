@@ -123,19 +123,10 @@ async def produce_requests(
 
 
 async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
-    """``lightmem forget --kafka``: an ``erase_user`` command on the control topic (keyed by the user)."""
-    from streams.kafka.produce import make_producer
-    from streams.kafka.topics import dumps, ensure_topics, key_of
+    """``lightmem forget --kafka``: the erasure barrier (see ``streams.kafka.erasure``)."""
+    from streams.kafka.erasure import produce_erasure as produce
 
-    record = ControlRecord(action="erase_user", user_id=user_id, requested_at=datetime.now(UTC))
-    await ensure_topics(settings.kafka)
-    producer = make_producer(settings.kafka, client_id=f"{settings.kafka.app_id}-forget-cli")
-    await producer.start()
-    try:
-        await (await producer.send(settings.kafka.topics.control, value=dumps(record), key=key_of(user_id)))
-    finally:
-        await producer.stop()
-    return record
+    return await produce(settings, user_id)
 
 
 # -- nightly crontab in the Faust worker -------------------------------------------------------------------
@@ -314,18 +305,30 @@ class CompactionAgent:
         if futures:
             await asyncio.gather(*futures)
 
-    async def _produce_changes(self, changes: Sequence[MemoryChange]) -> None:
-        from streams.kafka.topics import dumps, key_of
+    async def _send_keyed(self, topic: str, items: Sequence[tuple[dict[str, Any], bytes]]) -> None:
+        assert self._producer is not None
+        futures = [await self._producer.send(topic, value=v, **kw) for kw, v in items]
+        if futures:
+            await asyncio.gather(*futures)
 
-        await self._send(self.kafka.topics.memory_changes, [(key_of(c.user_id), dumps(c)) for c in changes])
+    async def _produce_changes(self, changes: Sequence[MemoryChange]) -> None:
+        from streams.kafka.topics import dumps, keyed_send
+
+        n = self.kafka.partitions
+        await self._send_keyed(
+            self.kafka.topics.memory_changes, [(keyed_send(c.user_id, c.change_id, n), dumps(c)) for c in changes]
+        )
         self.stats.changes += len(changes)
 
     async def _flush_dead(self) -> None:
-        from streams.kafka.topics import dumps, key_of
+        from streams.kafka.topics import dumps, keyed_send
 
         letters, self._dead.letters = self._dead.letters, []
         if letters:
-            await self._send(self.kafka.topics.dead_letters, [(key_of(d.key), dumps(d)) for d in letters])
+            n = self.kafka.partitions
+            await self._send_keyed(
+                self.kafka.topics.dead_letters, [(keyed_send(d.key, d.dlq_id, n), dumps(d)) for d in letters]
+            )
             self.stats.dead_letters += len(letters)
 
     async def _control(self, rec: ConsumerRecord) -> None:
@@ -423,16 +426,15 @@ async def run_store_owner(
     try:
         await sink.start()
         await agent.start()
-        tasks = [
-            asyncio.create_task(sink.run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat)),
-            asyncio.create_task(agent.run(stop, idle_exit_s=idle_exit_s)),
-        ]
+        sink_task = asyncio.create_task(sink.run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat))
+        agent_task = asyncio.create_task(agent.run(stop, idle_exit_s=idle_exit_s))
+        tasks: list[asyncio.Task[Any]] = [sink_task, agent_task]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.set()
             await asyncio.wait(tasks)
-        sink_stats, agent_stats = (t.result() for t in tasks)
+        sink_stats, agent_stats = sink_task.result(), agent_task.result()
         log.info("compaction agent stopped: %s", agent_stats)
         return sink_stats, agent_stats
     finally:
