@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from .limits import Role, SessionId, Speaker, TurnContent, UserId
+
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class Record(BaseModel):
@@ -30,11 +31,11 @@ class RawTurn(Record):
     schema_version: Literal[1] = 1
     turn_id: NonEmpty = Field(description="uuid5 of (user_id, session_id, seq); see streams.ids.turn_id")
     user_id: UserId
-    session_id: NonEmpty
+    session_id: SessionId
     seq: int = Field(ge=0, description="position of the turn inside its session")
-    role: NonEmpty = Field(description="any role: user, assistant, a speaker's name, tool, ...")
-    speaker: str | None = Field(default=None, description="display name of who spoke, when known")
-    content: str
+    role: Role = Field(description="any role: user, assistant, a speaker's name, tool, ...")
+    speaker: Speaker | None = Field(default=None, description="display name of who spoke, when known")
+    content: TurnContent = Field(description="the turn's text, at most 128 KiB of UTF-8 (schemas.limits)")
     timestamp: AwareDatetime = Field(description="event time of the turn")
     source_id: str | None = Field(default=None, description="id in the source dataset (e.g. LoCoMo dia_id)")
 

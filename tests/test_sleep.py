@@ -656,6 +656,7 @@ async def _wait(cond: Callable[[], Any], timeout_s: float = 90.0, what: str = ""
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> None:  # noqa: ANN001
+    from streams.kafka.erasure import user_records
     from streams.kafka.topics import broker_available, consumer_lag, delete_topics, end_offsets, sink_group_id
     from streams.ltm import open_store
     from streams.sleep.kafka_agent import (
@@ -699,6 +700,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
             await _wait(requests_done, what="the compaction requests to be handled")
             assert len(compaction_llm.server.requests) == calls == 1
             assert Watermarks.in_dir(settings.data_dir).get("alice") == new.updated_at
+            changes = await read_changes()
             # erasure through the control topic: bob's data stays
             await produce_erasure(settings, "alice")
 
@@ -707,10 +709,11 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
                 return lag[k.topics.control] == 0
 
             await _wait(erased, what="the erase_user command to be handled")
+            left = await user_records(k, k.topics.memory_changes, "alice")
         finally:
             stop.set()
             result = await owner
-        return first, result
+        return first, result, changes, left
 
     async def read_changes() -> list[MemoryChange]:
         from aiokafka import AIOKafkaConsumer
@@ -721,13 +724,12 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
         await consumer.start()
         try:
             got = await consumer.getmany(timeout_ms=5000)
-            return [MemoryChange.model_validate_json(r.value) for recs in got.values() for r in recs]
+            return [MemoryChange.model_validate_json(r.value) for recs in got.values() for r in recs if r.value]
         finally:
             await consumer.stop()
 
     try:
-        first, (sink_stats, agent_stats) = run(scenario())
-        changes = run(read_changes())
+        first, (sink_stats, agent_stats), changes, left = run(scenario())
     finally:
         run(delete_topics(k, list(k.topics.model_dump().values())))
     assert sorted(c.action for c in changes) == ["delete", "update"]
@@ -745,6 +747,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
         store.close()
     assert Watermarks.in_dir(settings.data_dir).get("alice") is None
     assert not (settings.data_dir / "memory_changes.jsonl").exists()  # Kafka: the topic is the change log
+    assert left == []  # the erased user's changes (old texts, whole records) are tombstoned
 
 
 def test_nightly_crontab_emits_one_request_per_active_user() -> None:

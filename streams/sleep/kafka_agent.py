@@ -244,6 +244,7 @@ class CompactionAgent:
         self.ledger = CostLedger()
         self._dead = _Buffered()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self.erased: dict[str, datetime] = {}  # shared with the sink in one store owner (the erasure epoch)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self.compactor = Compactor(
@@ -337,6 +338,7 @@ class CompactionAgent:
         Only memories created at or before ``requested_at`` go, so a control topic replayed later (it is compacted:
         the last command per user stays) never erases what a returning user said afterwards.
         """
+        from streams.kafka.erasure import purge_user
         from streams.kafka.topics import message_dead_letter, validation_kind, validation_reason
 
         if rec.value is None:
@@ -350,6 +352,9 @@ class CompactionAgent:
         if doomed:
             self.store.delete(cmd.user_id, doomed)
         self.compactor.watermarks.forget(cmd.user_id)
+        prev = self.erased.get(cmd.user_id)
+        self.erased[cmd.user_id] = max(prev, cmd.requested_at) if prev else cmd.requested_at
+        await purge_user(self.kafka, cmd.user_id)  # the user's memory changes and dead letters
         self.stats.erased += 1
         log.info("erased user %s: %d memories (control record of %s)", cmd.user_id, len(doomed), cmd.requested_at)
 
@@ -422,6 +427,7 @@ async def run_store_owner(
         settings, store, embed, apply_changes=change_hook(embed), max_records=max_records, timeout_ms=timeout_ms
     )
     agent = CompactionAgent(settings, store, decider=decider)
+    agent.erased = sink.erased  # an erasure either of them sees drops older changes at the sink
     stop = stop or asyncio.Event()
     try:
         await sink.start()
