@@ -60,6 +60,8 @@ def test_topics_created_idempotently_with_configs(kafka_env: KafkaEnv) -> None:
     assert raw["cleanup.policy"] == "delete" and raw["retention.ms"] == "-1" and raw["retention.bytes"] == "-1"
     assert configs[k.topics.control]["cleanup.policy"] == "compact"
     assert configs[k.topics.dead_letters]["retention.ms"] == "-1"
+    for purgeable in (k.topics.dead_letters, k.topics.memory_changes):  # kept forever, purged by tombstones
+        assert configs[purgeable]["cleanup.policy"] == "compact"
     for s in specs.values():
         for key, value in s.config.items():
             assert configs[s.name][key] == value, (s.name, key)
@@ -96,7 +98,8 @@ def test_sink_dead_letters_bad_records_and_commits(make_kafka_env: Any) -> None:
         "at": "2024-01-01T00:00:00+00:00",
     }
     env.produce_raw(env.topics.summaries, [(key, b"not json"), (key, None)])
-    env.produce_raw(env.topics.memory_changes, [(key, json.dumps(change).encode()), (key, b"{}")])
+    # changes are keyed per record (<user>/<change id>) so an erasure can tombstone them
+    env.produce_raw(env.topics.memory_changes, [(b"alice/c1", json.dumps(change).encode()), (b"alice/c2", b"{}")])
     sink = env.sink()
     env.wait_sink_caught_up(timeout_s=90)
     assert sink.terminate() == 0, sink.tail()

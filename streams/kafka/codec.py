@@ -25,7 +25,14 @@ def user_of(record: Record) -> str | None:
 
 
 def decode(spec: TopicSpec, msg: Any, stage: str) -> Record | DeadLetter:
-    """The record a consumed message (aiokafka or Faust) holds, or its dead letter."""
+    """The record a consumed message (aiokafka or Faust) holds, or its dead letter (keyed by the user)."""
+    got = _decode(spec, msg, stage)
+    if isinstance(got, DeadLetter) and spec.per_record_key:
+        return got.model_copy(update={"key": user_of_record_key(msg.key)})
+    return got
+
+
+def _decode(spec: TopicSpec, msg: Any, stage: str) -> Record | DeadLetter:
     if msg.value is None:
         return message_dead_letter(msg, stage, "tombstone (null value) on a record topic", "NullValue")
     raw = msg.value if isinstance(msg.value, bytes) else str(msg.value).encode()

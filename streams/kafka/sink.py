@@ -18,9 +18,11 @@ consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``ma
 4. sends the dead letters and waits for their acknowledgement;
 5. commits the batch's offsets — only now, after the write.
 
-A failed write is retried with backoff (nothing is committed meanwhile), which is the sink's
-backpressure: it stops consuming until the store takes writes again; if the process dies first, the
-uncommitted batch is redelivered to the next sink.
+Backpressure (``streams.kafka.consumer.ConsumerService``): a write that fails for a transient reason (the
+store does not answer) pauses the partitions, keeps polling (the sink stays in its group however long the
+outage lasts) and retries the held batch with exponential backoff; nothing is committed meanwhile, and if
+the process dies the uncommitted batch is redelivered to the next sink. A permanent error (``ValueError``,
+``TypeError``, ``KeyError``) of one summary dead-letters that summary with the reason; the rest is written.
 """
 
 from __future__ import annotations
@@ -35,19 +37,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import ConsumerRecord
 
 from schemas.records import ControlRecord, DeadLetter, MemoryChange, MemoryRecord, STMSummary
 from streams.cost import CostLedger
+from streams.dlq import dead_letter
 from streams.ltm import MemoryStore
 from streams.memories import summary_to_memories, write_memories
 from streams.settings import Settings
 
 from .codec import decode
+from .consumer import PERMANENT, Batch, ConsumerService
 from .erasure import purge_user
-from .produce import make_producer
-from .topics import dumps, ensure_topics, keyed_send, message_dead_letter, sink_group_id, spec_of
+from .topics import dumps, keyed_send, message_dead_letter, sink_group_id, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class SinkStats:
     last_record_at: float = 0.0
 
 
-class LTMSink:
+class LTMSink(ConsumerService):
     """Consumes summaries (and memory changes) and writes long-term memory; see the module docstring."""
 
     def __init__(
@@ -94,40 +95,45 @@ class LTMSink:
         group_id: str | None = None,
         max_backoff_s: float = 30.0,
     ) -> None:
+        kafka = settings.kafka
+        super().__init__(
+            kafka,
+            [kafka.topics.summaries, kafka.topics.memory_changes],
+            group_id or sink_group_id(kafka),
+            max_records=max_records,
+            timeout_ms=timeout_ms,
+            max_backoff_s=max_backoff_s,
+        )
         self.settings = settings
-        self.kafka = settings.kafka
         self.store = store
         self.embed = embed
         self.apply_changes = apply_changes or log_unapplied_changes
-        self.max_records = max_records
-        self.timeout_ms = timeout_ms
-        self.group_id = group_id or sink_group_id(settings.kafka)
-        self.max_backoff_s = max_backoff_s
         self.stats = SinkStats()
         self.ledger = CostLedger()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltm-sink")
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self.erased: dict[str, datetime] = {}  # user → time of their latest erasure seen (the erasure epoch)
 
     @property
     def topics(self) -> list[str]:
-        return [self.kafka.topics.summaries, self.kafka.topics.memory_changes]
+        return list(self.topic_names)
 
-    async def start(self) -> None:
-        await ensure_topics(self.kafka)
-        self._producer = make_producer(self.kafka, client_id=f"{self.group_id}-dlq")
-        await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            *self.topics,
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            group_id=self.group_id,
-            client_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        await self._consumer.start()
-        log.info("LTM sink started: group %s, topics %s", self.group_id, ", ".join(self.topics))
+    async def _write_one_by_one(
+        self, summaries: Sequence[STMSummary], now: datetime
+    ) -> tuple[list[MemoryRecord], list[DeadLetter]]:
+        """Write each summary alone; a summary whose write fails permanently becomes a dead letter."""
+        loop = asyncio.get_running_loop()
+        written: dict[str, MemoryRecord] = {}
+        dead: list[DeadLetter] = []
+        for s in summaries:
+            recs = summary_to_memories(s, self.settings.pipeline_version, now)
+            try:
+                await loop.run_in_executor(self._pool, write_memories, recs, self.embed, self.store.upsert)
+            except PERMANENT as exc:
+                reason = f"writing the memories of summary {s.summary_id} failed: {exc}"
+                dead.append(dead_letter("sink", reason, type(exc).__name__, s.model_dump_json(), s.user_id))
+                continue
+            written.update({m.memory_id: m for m in recs})
+        return list(written.values()), dead
 
     async def _erase(self, cmd: ControlRecord) -> None:
         """The erasure barrier reached the sink: the user's memories, changes and dead letters go."""
@@ -140,59 +146,22 @@ class LTMSink:
         log.info("erased user %s: %d memories, %d change/dead-letter records tombstoned", cmd.user_id, points, purged)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        await super().stop()
         self._pool.shutdown(wait=True)
 
-    async def run(
+    async def run(  # type: ignore[override]
         self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None, heartbeat: Path | None = None
     ) -> SinkStats:
         """Consume until ``stop`` is set (or, with ``idle_exit_s``, after that long without records).
 
         ``heartbeat``: a file touched on every poll, for liveness probes (a stuck sink stops touching it).
         """
-        assert self._consumer is not None, "start() first"
-        stop = stop or asyncio.Event()
-        idle_since = time.monotonic()
-        while not stop.is_set():
-            if heartbeat is not None:
-                heartbeat.touch()
-            batch = await self._consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
-            if not batch:
-                if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
-                    log.info("LTM sink idle for %.1f s: exiting", idle_exit_s)
-                    break
-                continue
-            await self._process_with_retry(batch, stop)
-            idle_since = time.monotonic()
+        await super().run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat)
+        self.stats.retries = self.service_stats.retries
         return self.stats
 
-    async def _process_with_retry(self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event) -> None:
-        assert self._consumer is not None
-        delay = 0.5
-        while True:
-            try:
-                await self.process(batch)
-                return
-            except Exception:
-                self.stats.retries += 1
-                log.exception("LTM sink: writing a batch failed; retrying in %.1f s (offsets not committed)", delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                if stop.is_set():
-                    return
-                # retry the batch held in memory; if this process dies first, the uncommitted
-                # offsets make Kafka redeliver it to the next sink
-                delay = min(delay * 2, self.max_backoff_s)
-
-    async def process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Validate, erase, write, dead-letter, then commit one batch."""
+    async def process(self, batch: Batch) -> None:
+        """Validate, erase, write and dead-letter one batch (the base commits it afterwards)."""
         assert self._consumer is not None and self._producer is not None
         summaries: list[STMSummary] = []
         changes: list[MemoryChange] = []
@@ -234,9 +203,15 @@ class LTMSink:
                 by_id[m.memory_id] = m  # a redelivered summary: same deterministic ids, written once
         records = list(by_id.values())
         if records:
-            emb, ups = await loop.run_in_executor(self._pool, write_memories, records, self.embed, self.store.upsert)
-            self.ledger.record(emb)
-            self.ledger.record(ups)
+            try:
+                emb, ups = await loop.run_in_executor(
+                    self._pool, write_memories, records, self.embed, self.store.upsert
+                )
+                self.ledger.record(emb)
+                self.ledger.record(ups)
+            except PERMANENT:  # one bad summary must not hold the stream: write them one by one
+                records, bad = await self._write_one_by_one(summaries, now)
+                dead.extend(bad)
         if changes:
             await loop.run_in_executor(self._pool, self.apply_changes, changes, self.store)
         if dead:
@@ -249,7 +224,6 @@ class LTMSink:
             for d in dead:
                 log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)
         offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
-        await self._consumer.commit(offsets)
         self.stats.batches += 1
         self.stats.summaries += len(summaries)
         self.stats.memories += len(records)
@@ -257,7 +231,7 @@ class LTMSink:
         self.stats.dead_letters += len(dead)
         self.stats.last_record_at = time.time()
         log.info(
-            "LTM sink: batch of %d records → %d summaries, %d memories, %d changes, %d dead letters; committed %s",
+            "LTM sink: batch of %d records → %d summaries, %d memories, %d changes, %d dead letters; committing %s",
             sum(len(r) for r in batch.values()),
             len(summaries),
             len(records),

@@ -51,7 +51,12 @@ FOREVER = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": 
 # kept forever, one key per record ("<user>/<record id>"), so an erasure can remove a user's records with
 # tombstones (read back as "latest value per key", a tombstoned record is gone at once; compaction then
 # deletes the bytes)
-PURGEABLE = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "delete.retention.ms": str(DAY_MS)}
+PURGEABLE = {
+    "cleanup.policy": "compact",
+    "retention.ms": "-1",
+    "min.compaction.lag.ms": "0",
+    "delete.retention.ms": str(DAY_MS),
+}
 
 
 @dataclass(frozen=True)
