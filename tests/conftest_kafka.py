@@ -315,7 +315,13 @@ class KafkaEnv:
         return out
 
     def dead_letters(self) -> list[DeadLetter]:
-        return [DeadLetter.model_validate_json(r.value) for r in self.read(self.topics.dead_letters)]
+        """Dead letters of the topic, tombstoned ones (an erased user's) left out."""
+        tombstoned = {r.key for r in self.read(self.topics.dead_letters) if r.value is None}
+        return [
+            DeadLetter.model_validate_json(r.value)
+            for r in self.read(self.topics.dead_letters)
+            if r.value is not None and r.key not in tombstoned
+        ]
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout_s: float = 120.0, every_s: float = 1.0) -> None:
         """Poll ``check`` until true; fail with the processes' logs on timeout or when one died."""
