@@ -53,3 +53,22 @@ class DeadLetterLog:
         if not self.path.exists():
             return []
         return [DeadLetter.model_validate(json.loads(line)) for line in self.path.read_text().splitlines() if line]
+
+    def remove(self, dlq_ids: set[str]) -> int:
+        """Rewrite the log without the given letters (after a successful redrive); returns how many went."""
+        with self._lock:
+            if not self.path.exists():
+                return 0
+            keep, removed = [], 0
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                if json.loads(line).get("dlq_id") in dlq_ids:
+                    removed += 1
+                else:
+                    keep.append(line)
+            if removed:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+                tmp.replace(self.path)
+            return removed

@@ -10,7 +10,7 @@ A dead letter keeps its stage and the original payload, so each stage says how t
   still invalid stays a dead letter).
 
 ``select`` filters letters by stage and user. The embedded log and the Kafka topic each have their runner
-(``streams.dlq.DeadLetterLog.redrive`` and ``streams.kafka.dlq``); this module holds what they share.
+(``redrive_embedded`` here, ``streams.kafka.dlq.redrive`` for the topic).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
 from schemas.records import DeadLetter, RawTurn, STMSummary, TopicSegment
+from streams.dlq import DeadLetterLog
+from streams.memories import summary_to_memories, write_memories
+from streams.pipeline import EmbeddedPipeline
 
 REDRIVABLE = ("extract", "sink", "ingest")
 
@@ -71,3 +75,41 @@ def describe(letters: Sequence[DeadLetter]) -> list[dict[str, object]]:
         }
         for d in letters
     ]
+
+
+async def redrive_embedded(
+    pipeline: EmbeddedPipeline, stage: str | None = None, user: str | None = None
+) -> RedriveReport:
+    """Redrive the embedded dead-letter log: each letter that now goes through is removed from it."""
+    log = pipeline.dead_letters
+    if not isinstance(log, DeadLetterLog):
+        raise TypeError("redrive needs the embedded dead-letter log")
+    letters = select(log.read(), stage, user)
+    report = RedriveReport(selected=len(letters))
+    done: set[str] = set()
+    now = datetime.now(UTC)
+    for d in letters:
+        if d.stage == "extract":
+            res = await pipeline.stages.extractor.extract(d.key or "", batch_of(d), now)
+            if res.summary is None:
+                report.failed += 1
+                report.reasons.append(res.dead_letter.reason if res.dead_letter else "extraction failed")
+                continue
+            records = summary_to_memories(res.summary, pipeline.settings.pipeline_version, now)
+        elif d.stage == "sink":
+            records = summary_to_memories(summary_of(d), pipeline.settings.pipeline_version, now)
+        elif d.stage == "ingest" and (turn := turn_of(d)) is not None:
+            r = await pipeline.ingest([turn])
+            report.memories += len(r.memories)
+            done.add(d.dlq_id)
+            report.redriven += 1
+            continue
+        else:
+            report.skipped += 1
+            continue
+        write_memories(records, pipeline.stages.embed, pipeline.store.upsert)
+        report.memories += len(records)
+        report.redriven += 1
+        done.add(d.dlq_id)
+    log.remove(done)
+    return report

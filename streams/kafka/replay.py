@@ -25,6 +25,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.records import ControlRecord, DeadLetter, RawTurn
+from streams.dlq import DeadLetterLog
 from streams.settings import Settings
 
 from .codec import decode
@@ -140,6 +141,10 @@ async def replay_topic(
                         pipeline.sensory.pop(user, None)
                         pipeline.stm.pop(user, None)
                         pipeline.store.delete_user(user)
+                        if isinstance(pipeline.dead_letters, DeadLetterLog):  # e.g. a bad record of theirs
+                            pipeline.dead_letters.remove(
+                                {d.dlq_id for d in pipeline.dead_letters.read() if d.key == user}
+                            )
                         for mid in [m for m, u in memory_ids.items() if u == user]:
                             del memory_ids[mid]
                         last_ts.pop(user, None)

@@ -56,7 +56,11 @@ class TopicWatermarks(Watermarks):
 
     def set(self, user_id: str, mark: datetime | None, completed_at: datetime) -> None:
         super().set(user_id, mark, completed_at)
-        value = {"user_id": user_id, "mark": mark.isoformat() if mark else None, "completed_at": completed_at.isoformat()}
+        value = {
+            "user_id": user_id,
+            "mark": mark.isoformat() if mark else None,
+            "completed_at": completed_at.isoformat(),
+        }
         with self._lock:
             self._pending[user_id] = json.dumps(value).encode()
 

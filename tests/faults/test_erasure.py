@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from schemas.records import RawTurn
+from streams.dlq import DeadLetterLog
 from streams.kafka.erasure import latest_by_key, produce_erasure, user_records
 from tests.conftest_kafka import KafkaEnv, LLMProcess, embedded_in_background, run_async, store_memories
 from tests.faults.common import compare, conversation, rekey, sessions_of, users_on_distinct_partitions
@@ -68,6 +69,8 @@ def test_erasure_mid_stream_leaves_nothing(make_kafka_env: Any, locomo_conversat
     out = env.run_cli("replay", "--collection", "replayed")
     assert out.returncode == 0, out.stdout + out.stderr
     assert store_memories(env.settings, [erased, kept], collection="replayed") == found
+    replay_letters = DeadLetterLog(env.data_dir / "dead_letters.jsonl").read()
+    assert not [d for d in replay_letters if d.key == erased]  # replay's own dead letters: none of theirs
 
 
 def test_erasure_tombstones_reach_readers_at_once(kafka_env: KafkaEnv) -> None:
