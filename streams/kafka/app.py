@@ -65,8 +65,8 @@ from schemas.records import (
 from streams import segment as sensory
 from streams import seqmarks, stm
 from streams.cost import CostLedger
-from streams.pipeline import Stages
 from streams.settings import Settings
+from streams.stages import Stages
 
 from .codec import decode
 from .topics import (
