@@ -125,6 +125,7 @@ class KafkaTopics(BaseModel):
     compaction_requests: str = "lightmem.compaction.requests"
     dead_letters: str = "lightmem.dead.letters"
     control: str = "lightmem.control"
+    watermarks: str = "lightmem.compaction.watermarks"
 
 
 class KafkaSettings(BaseModel):

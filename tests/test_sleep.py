@@ -589,7 +589,7 @@ def test_decider_is_offline_without_base_url() -> None:
 
 
 def test_nightly_schedule_and_requests() -> None:
-    from streams.sleep.kafka_agent import active_users, compaction_request, cron_format, last_slot
+    from streams.sleep.schedule import active_users, compaction_request, cron_format, last_slot
 
     sleep = SleepSettings(cron_time="03:30", timezone="Europe/Berlin")
     assert cron_format(sleep) == "30 3 * * *"
@@ -605,7 +605,7 @@ def test_nightly_schedule_and_requests() -> None:
 
 
 def test_locked_store_serialises_calls() -> None:
-    from streams.sleep.kafka_agent import LockedStore
+    from streams.kafka.compaction import LockedStore
 
     class Fake:
         dim = 3
@@ -653,15 +653,16 @@ async def _wait(cond: Callable[[], Any], timeout_s: float = 90.0, what: str = ""
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> None:  # noqa: ANN001
-    from streams.kafka.erasure import user_records
-    from streams.kafka.topics import broker_available, consumer_lag, delete_topics, end_offsets, sink_group_id
-    from streams.ltm import open_store
-    from streams.sleep.kafka_agent import (
+    from streams.kafka.compaction import (
         compaction_group_id,
         produce_erasure,
         produce_requests,
         run_store_owner,
     )
+    from streams.kafka.erasure import user_records
+    from streams.kafka.topics import broker_available, consumer_lag, delete_topics, end_offsets, sink_group_id
+    from streams.kafka.watermarks import TopicWatermarks
+    from streams.ltm import open_store
 
     settings = _kafka_settings(tmp_path, compaction_llm.server)
     k = settings.kafka
@@ -696,7 +697,11 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
             await _wait(requests_done, what="the compaction requests to be handled")
             assert len(compaction_llm.server.requests) == calls == 1
-            assert Watermarks.in_dir(settings.data_dir).get("alice") == new.updated_at
+            # watermarks live in their compacted topic: any sink instance resumes them
+            marks = TopicWatermarks(k)
+            await marks.load()
+            assert marks.get("alice") == new.updated_at
+            assert not (settings.data_dir / "compaction_watermarks.json").exists()
             changes = await read_changes()
             # erasure through the control topic: bob's data stays
             await produce_erasure(settings, "alice")
@@ -707,10 +712,11 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
             await _wait(erased, what="the erase_user command to be handled")
             left = await user_records(k, k.topics.memory_changes, "alice")
+            await marks.load()
         finally:
             stop.set()
             result = await owner
-        return first, result, changes, left
+        return first, result, changes, left, marks
 
     async def read_changes() -> list[MemoryChange]:
         from aiokafka import AIOKafkaConsumer
@@ -726,7 +732,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
             await consumer.stop()
 
     try:
-        first, (sink_stats, agent_stats), changes, left = run(scenario())
+        first, (sink_stats, agent_stats), changes, left, marks_after_erase = run(scenario())
     finally:
         run(delete_topics(k, list(k.topics.model_dump().values())))
     assert sorted(c.action for c in changes) == ["delete", "update"]
@@ -743,6 +749,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
     finally:
         store.close()
     assert Watermarks.in_dir(settings.data_dir).get("alice") is None
+    assert marks_after_erase.get("alice") is None  # the watermarks topic holds a tombstone for the user
     assert not (settings.data_dir / "memory_changes.jsonl").exists()  # Kafka: the topic is the change log
     assert left == []  # the erased user's changes (old texts, whole records) are tombstoned
 
@@ -750,7 +757,7 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 def test_nightly_crontab_emits_one_request_per_active_user() -> None:
     from schemas.records import CompactionRequest, SensoryBufferState
     from streams.kafka.app import SensoryRow
-    from streams.sleep.kafka_agent import install_crontab
+    from streams.kafka.compaction import install_crontab
 
     class Topic:
         def __init__(self) -> None:
@@ -785,8 +792,8 @@ def test_nightly_crontab_emits_one_request_per_active_user() -> None:
         app = App()
         sensory_table = {u.encode(): r.dump() for u, r in rows.items()}
 
-        def _user_keys(self, table: dict[bytes, bytes]) -> list[bytes]:
-            return list(table)
+        def last_seen(self) -> dict[str, float]:
+            return {k.decode(): SensoryRow.load(v, k.decode()).seen_at for k, v in self.sensory_table.items()}
 
     shell = Shell()
     install_crontab(shell)

@@ -122,7 +122,7 @@ def _report_json(report: CompactionReport) -> dict[str, object]:
 
 
 def _compact_via_kafka(settings: Settings, users: list[str], full: bool, as_json: bool) -> None:
-    from streams.sleep.kafka_agent import produce_requests  # aiokafka: only with --kafka
+    from streams.kafka.compaction import produce_requests  # aiokafka: only with --kafka
 
     if full:
         fail("--full is embedded only (the agent owns the watermarks)")
@@ -253,7 +253,7 @@ def forget(
         typer.confirm(f"erase everything stored about user {user!r}?", abort=True)
     settings = load_settings(data_dir)
     if kafka:
-        from streams.sleep.kafka_agent import produce_erasure  # aiokafka: only with --kafka
+        from streams.kafka.erasure import produce_erasure  # aiokafka: only with --kafka
 
         rec = run_broker(produce_erasure(settings, user))
         console.print(f"sent erase_user for {user!r} to {settings.kafka.topics.control} at {rec.requested_at:%c}")

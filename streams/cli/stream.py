@@ -198,7 +198,7 @@ def sink(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Run the LTM sink: summaries → memories → the store (the single owner of the local Qdrant storage)."""
-    from streams.sleep.kafka_agent import run_sink_with_compaction as run_sink  # + the sleep-time agent
+    from streams.kafka.compaction import run_sink_with_compaction as run_sink  # + the sleep-time agent
 
     settings = load_settings(data_dir)
     cfg = override(

@@ -69,6 +69,7 @@ from streams.settings import Settings
 from streams.stages import Stages
 
 from .codec import decode
+from .compaction import install_crontab
 from .topics import (
     dumps,
     error_dead_letter,
@@ -378,6 +379,14 @@ class Shell:
     def _user_keys(self, table: UserTable) -> list[bytes]:
         return [k for k in list(table.keys()) if not k.startswith(PROGRESS) and self._local(k)]
 
+    def last_seen(self) -> dict[str, float]:
+        """Users of this worker's partitions → epoch seconds of their last turn (the nightly crontab's input)."""
+        out = {}
+        for key in self._user_keys(self.sensory_table):
+            user = key.decode()
+            out[user] = self._sensory_row(key, user).seen_at
+        return out
+
     def _sensory_row(self, key: bytes, user_id: str) -> SensoryRow:
         return SensoryRow.load(self.sensory_table.get(key), user_id)
 
@@ -684,8 +693,6 @@ class Shell:
 
 def create_shell(settings: Settings, stages: Stages | None = None, **kwargs: Any) -> Shell:
     """Build the worker app around loaded stages (loading them from settings when not given)."""
-    from streams.sleep.kafka_agent import install_crontab  # the nightly sleep-time requests
-
     shell = Shell(settings, stages or Stages(settings), **kwargs)
-    install_crontab(shell)
+    install_crontab(shell)  # the nightly sleep-time requests
     return shell

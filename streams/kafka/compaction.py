@@ -1,4 +1,4 @@
-"""The sleep-time update over Kafka: nightly requests, the compaction agent, and the sink's apply hook.
+"""The sleep-time update over Kafka: nightly requests, the compaction agent, and the store owner's process.
 
 Flow (topics from ``settings.kafka.topics``, all keyed by user id)::
 
@@ -6,28 +6,21 @@ Flow (topics from ``settings.kafka.topics``, all keyed by user id)::
     lightmem compact --kafka ───────┴─► compaction.requests ─► CompactionAgent ─► memory.changes ─► LTM sink
                                                                 (store owner)                      (applies)
 
-- **Requests.** ``compaction_request(user, slot)`` — ``request_id`` is a uuid5 of the user and the slot (the
-  nightly run's scheduled time, or ``manual:<time>``), so a crontab firing twice for one night (two workers,
-  a restart) asks once; the agent skips a request id it has already handled. ``watermark`` is left None: the
-  agent owns the watermarks.
+- **Requests** (``streams.sleep.schedule``): ``request_id`` is a uuid5 of the user and the slot (the nightly
+  run's scheduled time, or ``manual:<time>``), so a crontab firing twice for one night asks once; the agent skips
+  a request id it has already handled.
 - **Nightly crontab** (``install_crontab(shell)``, one line in the Faust app): at ``sleep.cron_time`` in
   ``sleep.timezone`` every worker emits one request per user of ITS partitions whose last turn came after the
-  previous scheduled run less the STM idle timeout (the sensory table's ``seen_at``) — the users who may have
-  memories newer than their watermark; a request for a user with nothing new costs a payload scan, no LLM call.
-- **CompactionAgent** consumes the requests (consumer group ``<app_id>-compaction``, manual commits) in the
-  process that owns the store — the LTM sink's (``run_sink_with_compaction``, a drop-in for ``run_sink``), since
-  the embedded engine has one owner and workers never open Qdrant. Per request: ``Compactor.compact_user`` (the
-  same code as embedded), whose changes are produced to the memory-changes topic and acknowledged by Kafka before
-  the user's watermark moves (a local file under ``settings.data_dir``, as embedded); decision dead letters go to
-  the dead-letter topic; the request's offset is committed after that. A crash re-delivers the request: the user
-  is redone, with the same change ids, and the sink's version-guarded apply makes a repeated change harmless.
-- **Apply**: the sink gets ``apply_changes=change_hook(embed)`` — the same ``streams.sleep.apply`` as embedded:
-  updates re-embedded, deletes removed with the old record kept in the change, guarded by versions.
-
-- **Erasure** (``produce_erasure``, ``lightmem forget --kafka``): a ``ControlRecord`` ``erase_user`` on the control
-  topic; the agent (store owner) deletes the user's memories created before the command and their watermark.
-  The workers' buffered state is the worker's to drop; the memory-changes and dead-letter topics keep records
-  forever by configuration, so old texts of an erased user remain there (see the report on that).
+  previous scheduled run less the STM idle timeout.
+- **CompactionAgent** (a ``ConsumerService``: commit after the work, pause on store errors) consumes the requests
+  (group ``<app_id>-compaction``) in the process that owns the store — the LTM sink's
+  (``run_sink_with_compaction``). Per request: ``Compactor.compact_user`` (the same code as embedded), whose
+  changes are produced to the memory-changes topic (key ``<user>/<change id>``) and acknowledged before the
+  user's watermark moves; watermarks live in a compacted topic (``streams.kafka.watermarks``), so a replaced sink
+  resumes them; decision dead letters go to the dead-letter topic; the request's offset is committed after that.
+- **Erasure** (``streams.kafka.erasure``): on the control topic the agent forgets the user's watermark, deletes
+  their memories created before the command and tombstones their changes and dead letters; the in-band barrier
+  does the same at the sink in order with the user's summaries.
 
 One store, two users of it in one process: the sink writes from its worker thread while the agent reads on the
 event loop, so both get the same ``LockedStore`` that serialises every call.
@@ -38,9 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,65 +40,48 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
 from schemas.records import CompactionRequest, ControlRecord, DeadLetter, MemoryChange
-from streams import ids
 from streams.cost import CostLedger
-from streams.ltm import MemoryStore
-from streams.settings import Settings, SleepSettings
-from streams.sleep.changelog import Watermarks
+from streams.encoder import load_encoder
+from streams.ltm import MemoryStore, open_store
+from streams.memories import EmbeddingCache
+from streams.settings import Settings
+from streams.sleep.apply import change_hook
 from streams.sleep.compact import Compactor
 from streams.sleep.decide import Decider
+from streams.sleep.schedule import active_users, compaction_request, cron_format, last_slot
+
+from .consumer import Batch, ConsumerService
+from .erasure import produce_erasure, purge_user
+from .produce import make_producer
+from .sink import LTMSink, SinkStats
+from .topics import dumps, ensure_topics, key_of, keyed_send, message_dead_letter, validation_kind, validation_reason
+from .watermarks import TopicWatermarks
 
 log = logging.getLogger(__name__)
 
 SEEN_REQUESTS = 10_000  # request ids remembered by an agent (duplicate-fire guard)
 
-
-# -- requests ----------------------------------------------------------------------------------------------
-
-
-def cron_format(sleep: SleepSettings) -> str:
-    """``"HH:MM"`` → the daily cron spec ``"MM HH * * *"``."""
-    hour, minute = (int(x) for x in sleep.cron_time.split(":"))
-    return f"{minute} {hour} * * *"
-
-
-def last_slot(now: datetime, sleep: SleepSettings) -> datetime:
-    """The most recent scheduled nightly time at or before ``now`` (aware, in the configured timezone)."""
-    tz = ZoneInfo(sleep.timezone)
-    hour, minute = (int(x) for x in sleep.cron_time.split(":"))
-    local = now.astimezone(tz)
-    slot = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
-    if slot > local:
-        slot = (slot - timedelta(days=1)).replace(hour=hour, minute=minute)
-    return slot
-
-
-def compaction_request(user_id: str, slot: str, now: datetime | None = None) -> CompactionRequest:
-    return CompactionRequest(
-        request_id=ids.derived_id("compaction_request", user_id, slot),
-        user_id=user_id,
-        watermark=None,
-        requested_at=now or datetime.now(UTC),
-    )
-
-
-def active_users(seen_at: Mapping[str, float], since_s: float) -> list[str]:
-    """Users whose last turn (epoch seconds) came after ``since_s``."""
-    return sorted(u for u, t in seen_at.items() if t > since_s)
+__all__ = [
+    "AgentStats",
+    "CompactionAgent",
+    "LockedStore",
+    "compaction_group_id",
+    "install_crontab",
+    "produce_erasure",
+    "produce_requests",
+    "run_sink_with_compaction",
+    "run_store_owner",
+]
 
 
 async def produce_requests(
     settings: Settings, users: Sequence[str], slot: str | None = None
 ) -> list[CompactionRequest]:
     """``lightmem compact --kafka``: one request per user onto the compaction topic, acknowledged."""
-    from streams.kafka.produce import make_producer
-    from streams.kafka.topics import dumps, ensure_topics, key_of
-
     now = datetime.now(UTC)
     slot = slot or f"manual:{now.isoformat()}"
     requests = [compaction_request(u, slot, now) for u in users]
@@ -122,21 +97,11 @@ async def produce_requests(
     return requests
 
 
-async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
-    """``lightmem forget --kafka``: the erasure barrier (see ``streams.kafka.erasure``)."""
-    from streams.kafka.erasure import produce_erasure as produce
-
-    return await produce(settings, user_id)
-
-
 # -- nightly crontab in the Faust worker -------------------------------------------------------------------
 
 
 def install_crontab(shell: Any) -> None:
     """Register the nightly request emitter on a ``streams.kafka.app.Shell`` (call it once, after its agents)."""
-    from streams.kafka.app import SensoryRow
-    from streams.kafka.topics import dumps
-
     settings: Settings = shell.settings
     sleep = settings.sleep
     app = shell.app
@@ -153,10 +118,7 @@ def install_crontab(shell: Any) -> None:
         # active since the previous scheduled run, less the STM idle timeout: a user who went quiet just before
         # it may have had memories written after it
         since = (slot - timedelta(days=1)).timestamp() - settings.stm.idle_timeout_s
-        seen = {}
-        for key in shell._user_keys(shell.sensory_table):  # this worker's partitions only
-            user = key.decode()
-            seen[user] = SensoryRow.load(shell.sensory_table.get(key), user).seen_at
+        seen = shell.last_seen()  # this worker's partitions only
         requests = [compaction_request(u, f"nightly:{slot.isoformat()}", now) for u in active_users(seen, since)]
         futures = [await topic.send(key=r.user_id.encode(), value=dumps(r)) for r in requests]
         if futures:
@@ -221,8 +183,8 @@ class AgentStats:
     erased: int = 0
 
 
-class CompactionAgent:
-    """Consumes compaction requests and produces memory changes (see the module docstring)."""
+class CompactionAgent(ConsumerService):
+    """Consumes compaction requests and erasures and produces memory changes (see the module docstring)."""
 
     def __init__(
         self,
@@ -234,77 +196,47 @@ class CompactionAgent:
         max_records: int = 16,
         timeout_ms: int = 500,
     ) -> None:
+        kafka = settings.kafka
+        super().__init__(
+            kafka,
+            [kafka.topics.compaction_requests, kafka.topics.control],
+            group_id or compaction_group_id(settings),
+            max_records=max_records,
+            timeout_ms=timeout_ms,
+            max_poll_interval_ms=30 * 60 * 1000,  # one user's run may take minutes of LLM calls
+        )
         self.settings = settings
-        self.kafka = settings.kafka
         self.store = store
-        self.group_id = group_id or compaction_group_id(settings)
-        self.max_records = max_records
-        self.timeout_ms = timeout_ms
         self.stats = AgentStats()
         self.ledger = CostLedger()
         self._dead = _Buffered()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.erased: dict[str, datetime] = {}  # shared with the sink in one store owner (the erasure epoch)
-        self._producer: AIOKafkaProducer | None = None
-        self._consumer: AIOKafkaConsumer | None = None
+        self.watermarks = TopicWatermarks(kafka)
         self.compactor = Compactor(
             settings,
             store,
             _no_embed,
-            watermarks=Watermarks.in_dir(settings.data_dir),
+            watermarks=self.watermarks,
             dead_letters=self._dead,
             decider=decider,
             emit=self._produce_changes,
         )
 
     async def start(self) -> None:
-        from streams.kafka.produce import make_producer
-        from streams.kafka.topics import ensure_topics
-
-        await ensure_topics(self.kafka)
-        self._producer = make_producer(self.kafka, client_id=f"{self.group_id}-out")
-        await self._producer.start()
-        self._consumer = AIOKafkaConsumer(
-            self.kafka.topics.compaction_requests,
-            self.kafka.topics.control,
-            bootstrap_servers=self.kafka.bootstrap_servers,
-            group_id=self.group_id,
-            client_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_interval_ms=30 * 60 * 1000,  # one user's run may take minutes of LLM calls
-        )
-        await self._consumer.start()
-        log.info("compaction agent started: group %s, model %s", self.group_id, self.compactor.model)
+        await super().start()
+        n = await self.watermarks.load()
+        log.info("compaction agent: model %s, %d watermarks loaded from the topic", self.compactor.model, n)
 
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        await super().stop()
         await self.compactor.aclose()
 
-    async def run(self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None) -> AgentStats:
-        assert self._consumer is not None, "start() first"
-        stop = stop or asyncio.Event()
-        idle_since = time.monotonic()
-        while not stop.is_set():
-            batch = await self._consumer.getmany(timeout_ms=self.timeout_ms, max_records=self.max_records)
-            if not batch:
-                if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
-                    break
-                continue
-            await self.process(batch)
-            idle_since = time.monotonic()
+    async def run(  # type: ignore[override]
+        self, stop: asyncio.Event | None = None, *, idle_exit_s: float | None = None, heartbeat: Path | None = None
+    ) -> AgentStats:
+        await super().run(stop, idle_exit_s=idle_exit_s, heartbeat=heartbeat)
         return self.stats
-
-    async def _send(self, topic: str, pairs: Sequence[tuple[bytes | None, bytes]]) -> None:
-        assert self._producer is not None
-        futures = [await self._producer.send(topic, value=v, key=k) for k, v in pairs]
-        if futures:
-            await asyncio.gather(*futures)
 
     async def _send_keyed(self, topic: str, items: Sequence[tuple[dict[str, Any], bytes]]) -> None:
         assert self._producer is not None
@@ -313,8 +245,6 @@ class CompactionAgent:
             await asyncio.gather(*futures)
 
     async def _produce_changes(self, changes: Sequence[MemoryChange]) -> None:
-        from streams.kafka.topics import dumps, keyed_send
-
         n = self.kafka.partitions
         await self._send_keyed(
             self.kafka.topics.memory_changes, [(keyed_send(c.user_id, c.change_id, n), dumps(c)) for c in changes]
@@ -322,8 +252,6 @@ class CompactionAgent:
         self.stats.changes += len(changes)
 
     async def _flush_dead(self) -> None:
-        from streams.kafka.topics import dumps, keyed_send
-
         letters, self._dead.letters = self._dead.letters, []
         if letters:
             n = self.kafka.partitions
@@ -333,14 +261,12 @@ class CompactionAgent:
             self.stats.dead_letters += len(letters)
 
     async def _control(self, rec: ConsumerRecord) -> None:
-        """``erase_user``: the user's memories written before the command, and their watermark, are removed.
+        """``erase_user``: the user's memories written before the command, their watermark, their changes and
+        dead letters are removed.
 
         Only memories created at or before ``requested_at`` go, so a control topic replayed later (it is compacted:
         the last command per user stays) never erases what a returning user said afterwards.
         """
-        from streams.kafka.erasure import purge_user
-        from streams.kafka.topics import message_dead_letter, validation_kind, validation_reason
-
         if rec.value is None:
             return  # a tombstone: the command was cleared
         try:
@@ -351,18 +277,18 @@ class CompactionAgent:
         doomed = [r.memory_id for r in self.store.get_all(cmd.user_id) if r.created_at <= cmd.requested_at]
         if doomed:
             self.store.delete(cmd.user_id, doomed)
-        self.compactor.watermarks.forget(cmd.user_id)
+        self.watermarks.forget(cmd.user_id)
+        assert self._producer is not None
+        await self.watermarks.flush(self._producer)
         prev = self.erased.get(cmd.user_id)
         self.erased[cmd.user_id] = max(prev, cmd.requested_at) if prev else cmd.requested_at
         await purge_user(self.kafka, cmd.user_id)  # the user's memory changes and dead letters
         self.stats.erased += 1
         log.info("erased user %s: %d memories (control record of %s)", cmd.user_id, len(doomed), cmd.requested_at)
 
-    async def process(self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord]]) -> None:
-        """Handle a batch of requests (one user at a time, in order), then commit its offsets."""
-        from streams.kafka.topics import message_dead_letter, validation_kind, validation_reason
-
-        assert self._consumer is not None
+    async def process(self, batch: Batch) -> None:
+        """Handle a batch of requests (one user at a time, in order); the base commits it afterwards."""
+        assert self._producer is not None
         for records in batch.values():
             for rec in records:
                 if rec.topic == self.kafka.topics.control:
@@ -380,6 +306,7 @@ class CompactionAgent:
                 run = await self.compactor.compact_user(req.user_id)
                 self.ledger.record(run.cost)
                 self.stats.users += 1
+                await self.watermarks.flush(self._producer)  # before the request's offset is committed
                 await self._flush_dead()
                 self._seen[req.request_id] = None
                 while len(self._seen) > SEEN_REQUESTS:
@@ -393,7 +320,6 @@ class CompactionAgent:
                     dict(run.actions),
                 )
         await self._flush_dead()
-        await self._consumer.commit({tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs})
 
 
 # -- the store owner's process: sink + agent ----------------------------------------------------------------
@@ -408,17 +334,11 @@ async def run_store_owner(
     timeout_ms: int = 500,
     heartbeat: Path | None = None,
     decider: Decider | None = None,
-) -> tuple[Any, AgentStats]:
+) -> tuple[SinkStats, AgentStats]:
     """The LTM sink (applying memory changes with ``change_hook``) and the compaction agent over ONE store.
 
     Both stop on ``stop``; when one of them ends (``idle_exit_s``, an error) the other is stopped too.
     """
-    from streams.encoder import load_encoder
-    from streams.kafka.sink import LTMSink
-    from streams.ltm import open_store
-    from streams.memories import EmbeddingCache
-    from streams.sleep.apply import change_hook
-
     encoder = load_encoder(settings.embedding)
     raw_store = open_store(settings.store, encoder.dim)
     store: Any = LockedStore(raw_store)
@@ -457,7 +377,7 @@ async def run_sink_with_compaction(
     max_records: int = 256,
     timeout_ms: int = 500,
     heartbeat: Path | None = None,
-) -> Any:
+) -> SinkStats:
     """Drop-in for ``streams.kafka.sink.run_sink``: the sink and the compaction agent; returns the sink's stats."""
     sink_stats, _ = await run_store_owner(
         settings,
