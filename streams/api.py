@@ -30,6 +30,7 @@ from streams.dlq import DeadLetterLog
 from streams.erase import ErasureReport, erase_user
 from streams.ltm import MissingUserError, ScoredMemory
 from streams.pipeline import EmbeddedPipeline, IngestReport
+from streams.redrive import RedriveReport, redrive_embedded
 from streams.settings import Settings
 from streams.sleep.apply import RevertError, apply_changes, build_revert
 from streams.sleep.changelog import ChangeLog
@@ -173,6 +174,10 @@ class Memory:
     def flush(self, user_id: str | None = None) -> IngestReport:
         """Extract whatever is buffered into long-term memory now (one user, or everyone)."""
         return self._runner.run(self.pipeline.flush(user_id))
+
+    def redrive(self, stage: str | None = None, user_id: str | None = None) -> RedriveReport:
+        """Reprocess dead letters (of one stage / user) whose cause is gone; those that go through leave the log."""
+        return self._runner.run(redrive_embedded(self.pipeline, stage, user_id))
 
     def run_idle(self, now_ts: float | None = None) -> IngestReport:
         """Flush the buffers of users idle past the timeout (what a timer calls; ``now_ts``: epoch seconds)."""

@@ -86,8 +86,20 @@ def _read_json(path: str | Path) -> Any:
 _MONTHS = {
     m: i + 1
     for i, m in enumerate(
-        ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-         "november", "december"]
+        [
+            "january",
+            "february",
+            "march",
+            "april",
+            "may",
+            "june",
+            "july",
+            "august",
+            "september",
+            "october",
+            "november",
+            "december",
+        ]
     )
 }
 _LOCOMO_DT = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*([ap])\.?m\.?\s+on\s+(\d{1,2})\s+([A-Za-z]+),?\s+(\d{4})\s*$", re.I)
@@ -341,8 +353,18 @@ def load_longmemeval(path: str | Path) -> list[Conversation]:
 # ---------------------------------------------------------------------------------------------------------------
 
 _JSONL_REQUIRED = ("session_id", "role", "content", "timestamp")
-_JSONL_ALLOWED = {"user_id", "session_id", "role", "content", "timestamp", "seq", "speaker", "source_id",
-                  "turn_id", "schema_version"}
+_JSONL_ALLOWED = {
+    "user_id",
+    "session_id",
+    "role",
+    "content",
+    "timestamp",
+    "seq",
+    "speaker",
+    "source_id",
+    "turn_id",
+    "schema_version",
+}
 
 
 def _parse_iso(value: Any, where: str) -> datetime:
@@ -405,15 +427,19 @@ def _jsonl_turn(obj: Any, where: str, default_user: str | None, next_seq: dict[t
     return turn
 
 
-def load_jsonl(path: str | Path, default_user: str | None = None) -> list[RawTurn]:
-    """Load our ingest format: one JSON object per line.
+@dataclass(frozen=True)
+class LineError:
+    """A line of a JSON-lines file that is not a valid turn: where, the line itself, why."""
 
-    Fields: ``user_id`` (or ``default_user``), ``session_id``, ``role``, ``content``, ``timestamp`` (ISO 8601
-    with an offset), optional ``seq`` (default: next in its session, in file order), ``speaker``, ``source_id``.
-    Blank lines are skipped. Any bad line raises ``ValueError`` naming the file, the line number and the reason;
-    so does a (user, session, seq) that appears twice.
-    """
-    turns: list[RawTurn] = []
+    where: str
+    line: str
+    reason: str
+    user_id: str | None = None
+
+
+def iter_jsonl(path: str | Path, default_user: str | None = None) -> Iterator[RawTurn | LineError]:
+    """Each non-blank line of our ingest format as a turn or a ``LineError`` (the caller stops, skips or
+    dead-letters it); fields as in ``load_jsonl``."""
     next_seq: dict[tuple[str, str], int] = {}
     first_line: dict[str, int] = {}
     with open(path, encoding="utf-8") as fh:
@@ -424,15 +450,38 @@ def load_jsonl(path: str | Path, default_user: str | None = None) -> list[RawTur
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            turn = _jsonl_turn(obj, where, default_user, next_seq)
+                yield LineError(where, line.rstrip("\n"), f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            user = obj.get("user_id") if isinstance(obj, dict) and isinstance(obj.get("user_id"), str) else None
+            try:
+                turn = _jsonl_turn(obj, where, default_user, next_seq)
+            except ValueError as exc:
+                yield LineError(where, line.rstrip("\n"), str(exc), user or default_user)
+                continue
             if turn.turn_id in first_line:
-                raise ValueError(
+                reason = (
                     f"{where}: duplicate turn (user_id={turn.user_id!r}, session_id={turn.session_id!r}, "
                     f"seq={turn.seq}) first seen on line {first_line[turn.turn_id]}"
                 )
+                yield LineError(where, line.rstrip("\n"), reason, turn.user_id)
+                continue
             first_line[turn.turn_id] = lineno
-            turns.append(turn)
+            yield turn
+
+
+def load_jsonl(path: str | Path, default_user: str | None = None) -> list[RawTurn]:
+    """Load our ingest format: one JSON object per line.
+
+    Fields: ``user_id`` (or ``default_user``), ``session_id``, ``role``, ``content``, ``timestamp`` (ISO 8601
+    with an offset), optional ``seq`` (default: next in its session, in file order), ``speaker``, ``source_id``.
+    Blank lines are skipped. Any bad line raises ``ValueError`` naming the file, the line number and the reason;
+    so does a (user, session, seq) that appears twice.
+    """
+    turns: list[RawTurn] = []
+    for item in iter_jsonl(path, default_user):
+        if isinstance(item, LineError):
+            raise ValueError(item.reason)
+        turns.append(item)
     return turns
 
 

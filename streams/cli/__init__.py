@@ -4,6 +4,7 @@
 - ``memory``   — compact (the sleep-time update), memory history|revert, forget (erasure);
 - ``stream``   — the streaming deployment: kafka up|down|status, topics, produce, worker, sink, replay;
 - ``eval``     — the benchmark evaluation;
+- ``dlq``      — dead letters: list, show, redrive (embedded log or, with --kafka, the topic);
 - ``common``   — what they share (settings, consoles, errors, progress, the cost table, opening ``Memory``).
 
 Every command that touches memory goes through ``streams.api.Memory``. Options read their LIGHTMEM_* variables
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from streams.cli import embedded, eval, memory, stream
+from streams.cli import dlq, embedded, eval, memory, stream
 
 app = typer.Typer(
     name="lightmem",
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 for group in (embedded, memory, stream, eval):
     app.add_typer(group.app)  # a group added without a name: its commands join the top level
+app.add_typer(dlq.app)  # a named group: lightmem dlq list|show|redrive
 
 __all__ = ["app", "main"]
 

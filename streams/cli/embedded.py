@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
@@ -25,6 +26,7 @@ from streams.cli.common import (
     open_memory,
     progress,
 )
+from streams.settings import Settings
 
 if TYPE_CHECKING:
     from streams.api import Memory, SearchMode
@@ -40,6 +42,38 @@ def ingest_turns(m: Memory, turns: Sequence[RawTurn], label: str, chunk: int = 6
         for i in range(0, len(turns), chunk):
             m.add_turns(turns[i : i + chunk])
             bar.advance(task, len(turns[i : i + chunk]))
+
+
+class OnError(StrEnum):
+    stop = "stop"
+    skip = "skip"
+    dlq = "dlq"
+
+
+def read_jsonl(path: Path, on_error: OnError, settings: Settings) -> list[RawTurn]:
+    """The turns of a JSON-lines file; a bad line stops the command, is skipped, or becomes a dead letter."""
+    from streams.dlq import DeadLetterLog, dead_letter
+    from streams.loaders import LineError, iter_jsonl
+
+    turns: list[RawTurn] = []
+    bad = 0
+    letters = DeadLetterLog(settings.data_dir / "dead_letters.jsonl")
+    for item in iter_jsonl(path):
+        if not isinstance(item, LineError):
+            turns.append(item)
+            continue
+        bad += 1
+        if on_error is OnError.stop:
+            fail(item.reason)
+        if on_error is OnError.dlq:
+            letters.send(dead_letter("ingest", item.reason, "InvalidInput", item.line, item.user_id))
+        err.print(f"[yellow]skipped[/] {item.reason}")
+    if bad:
+        where = f" (dead letters in {letters.path})" if on_error is OnError.dlq else ""
+        err.print(
+            f"[yellow]{bad} bad line(s) of {path} {'dead-lettered' if on_error is OnError.dlq else 'skipped'}{where}[/]"
+        )
+    return turns
 
 
 @app.command()
@@ -111,6 +145,10 @@ def ingest(
     fmt: Annotated[DataFormat, typer.Option("--format", help="input format")] = DataFormat.jsonl,
     limit: Annotated[int | None, typer.Option(help="only the first N conversations/questions")] = None,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
+    on_error: Annotated[
+        OnError,
+        typer.Option(help="a bad JSON-lines line: stop (exit 2), skip it (warn), or dlq (dead letter, go on)"),
+    ] = OnError.stop,
 ) -> None:
     """Ingest a LoCoMo / LongMemEval file or our JSON-lines turns into embedded memory."""
     from streams import loaders  # the benchmark loaders: only this command needs them
@@ -118,10 +156,7 @@ def ingest(
     settings = load_settings(data_dir)
     t0 = time.perf_counter()
     if fmt is DataFormat.jsonl:
-        try:
-            groups = {"": loaders.load_jsonl(path)}
-        except ValueError as e:
-            fail(str(e))
+        groups = {"": read_jsonl(path, on_error, settings)}
     else:
         convs = loaders.load_locomo(path) if fmt is DataFormat.locomo else loaders.load_longmemeval(path)
         groups = {c.user_id: c.turns for c in convs[:limit]}
