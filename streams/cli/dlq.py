@@ -45,7 +45,7 @@ def list_(
     rows = describe(_letters(settings, kafka, stage, user))
     if as_json:
         for r in rows:
-            console.print_json(json.dumps(r))
+            typer.echo(json.dumps(r))
         return
     t = Table(title=f"dead letters ({len(rows)})")
     for col in ("dlq_id", "stage", "user", "error_type", "attempts", "at", "reason"):
