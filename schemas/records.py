@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from .limits import Role, SessionId, Speaker, TurnContent, UserId
+from .limits import MAX_TURN_BYTES, Role, SessionId, Speaker, TurnContent, UserId
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
@@ -28,7 +28,7 @@ class Record(BaseModel):
 class RawTurn(Record):
     """One conversation turn as produced by a client. Topic ``turns.raw`` (the log of record)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     turn_id: NonEmpty = Field(description="uuid5 of (user_id, session_id, seq); see streams.ids.turn_id")
     user_id: UserId
     session_id: SessionId
@@ -38,6 +38,21 @@ class RawTurn(Record):
     content: TurnContent = Field(description="the turn's text, at most 128 KiB of UTF-8 (schemas.limits)")
     timestamp: AwareDatetime = Field(description="event time of the turn")
     source_id: str | None = Field(default=None, description="id in the source dataset (e.g. LoCoMo dia_id)")
+    sealed: str | None = Field(
+        default=None,
+        max_length=4 * MAX_TURN_BYTES,
+        description="on the raw-turn topic: the content encrypted with the user's key (a Fernet token); "
+        "content is empty then (crypto-shredding: erasing the key makes the stored turn unreadable)",
+    )
+    key_id: str | None = Field(default=None, description="id of the user's key that sealed the content")
+
+    @model_validator(mode="after")
+    def _sealed_has_a_key(self) -> RawTurn:
+        if (self.sealed is None) != (self.key_id is None):
+            raise ValueError("sealed and key_id go together")
+        if self.sealed is not None and self.content:
+            raise ValueError("a sealed turn carries its content only encrypted (content must be empty)")
+        return self
 
 
 class CompressedTurn(Record):
@@ -142,6 +157,26 @@ class MemoryChange(Record):
     model: NonEmpty = Field(description="'llm:<model>' or 'offline-rule'")
     pipeline_version: NonEmpty
     at: AwareDatetime
+
+
+class UserKey(Record):
+    """A user's content key (crypto-shredding). Topic ``keys`` (compacted, key ``<user>/<key id>``); erasing a
+    user tombstones their keys, so the turns they sealed can no longer be read anywhere."""
+
+    schema_version: Literal[1] = 1
+    user_id: UserId
+    key_id: NonEmpty
+    key: NonEmpty = Field(description="Fernet key (urlsafe base64, 32 bytes)")
+    created_at: AwareDatetime
+
+
+class WatermarkRecord(Record):
+    """A user's compaction watermark. Topic ``watermarks`` (compacted, keyed by user; a tombstone on erasure)."""
+
+    schema_version: Literal[1] = 1
+    user_id: UserId
+    mark: AwareDatetime | None = Field(default=None, description="memories updated after it are new to compaction")
+    completed_at: AwareDatetime
 
 
 class CompactionRequest(Record):
@@ -257,4 +292,6 @@ SCHEMA_MODELS: dict[str, type[Record]] = {
     "stm_buffer_state": STMBufferState,
     "sensory_table_row": SensoryTableRow,
     "stm_table_row": STMTableRow,
+    "user_key": UserKey,
+    "watermark_record": WatermarkRecord,
 }

@@ -126,6 +126,7 @@ class KafkaTopics(BaseModel):
     dead_letters: str = "lightmem.dead.letters"
     control: str = "lightmem.control"
     watermarks: str = "lightmem.compaction.watermarks"
+    keys: str = "lightmem.keys"
 
 
 class KafkaSettings(BaseModel):
@@ -134,6 +135,10 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     topics: KafkaTopics = KafkaTopics()
+    seal_turns: bool = Field(
+        default=True,
+        description="encrypt turn content on the raw-turn topic with a per-user key (erasure deletes the key)",
+    )
 
 
 class WorkerSettings(BaseModel):

@@ -45,7 +45,7 @@ async def _configs(env: KafkaEnv, names: list[str]) -> dict[str, dict[str, str]]
 def test_topics_created_idempotently_with_configs(kafka_env: KafkaEnv) -> None:
     k = kafka_env.settings.kafka
     first = run_async(ensure_topics(k))
-    assert set(first.values()) == {"created"} and len(first) == 7
+    assert set(first.values()) == {"created"} and len(first) == 9
     again = run_async(ensure_topics(k))
     assert set(again.values()) == {"exists"}
     specs = {s.role: s for s in topic_specs(k)}

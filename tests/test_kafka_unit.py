@@ -36,6 +36,8 @@ def test_topic_specs_follow_settings() -> None:
         "compaction_requests",
         "dead_letters",
         "control",
+        "keys",
+        "watermarks",
     }
     assert {s.name for s in specs.values()} == set(k.topics.model_dump().values())
     assert all(s.partitions == 6 for s in specs.values())

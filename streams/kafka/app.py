@@ -50,6 +50,7 @@ from typing import Any
 
 import faust
 from faust.types import TP
+from pydantic import ValidationError
 
 from schemas.records import (
     ControlRecord,
@@ -70,12 +71,12 @@ from streams.stages import Stages
 
 from .codec import decode
 from .compaction import install_crontab
+from .keys import KeyRing, KeyShredded, unseal
 from .topics import (
     dumps,
     error_dead_letter,
     key_of,
     keyed_send,
-    message_dead_letter,
     partition_for,
     spec_of,
 )
@@ -169,6 +170,7 @@ class WorkerStats:
     reseeks: int = 0
     erasures: int = 0
     redeliveries: int = 0
+    shredded_turns: int = 0
 
 
 class Shell:
@@ -229,6 +231,7 @@ class Shell:
         self.segments_topic = app.topic(t.segments, partitions=self.partitions, **raw_kw)
         self.summaries_topic = app.topic(t.summaries, partitions=self.partitions, **raw_kw)
         self.dlq_topic = app.topic(t.dead_letters, partitions=self.partitions, **raw_kw)
+        self.keys = KeyRing(settings.kafka)  # the users' content keys (sealed turns)
         self._raw_spec = spec_of(settings.kafka, "raw_turns")
         self._segments_spec = spec_of(settings.kafka, "segments")
         self.sensory_table = self._table("sensory", "per-user sensory buffer (JSON)")
@@ -422,6 +425,7 @@ class Shell:
 
     async def _erase_sensory(self, msg: Any, cmd: ControlRecord) -> None:
         """The erasure barrier in the user's raw turns: drop their sensory row, pass the barrier on to STM."""
+        self.keys.forget(cmd.user_id)
         async with self._locks[msg.key]:
             self.sensory_table.pop(msg.key, None)  # a tombstone in the changelog
             await self._send_all([(self.segments_topic, msg.key, dumps(cmd))])
@@ -435,11 +439,12 @@ class Shell:
             if isinstance(rec, DeadLetter):
                 dead.append(rec)
             elif isinstance(rec, RawTurn):
-                if rec.user_id.startswith("\x00"):
-                    reason = "user ids must not start with NUL"
-                    dead.append(message_dead_letter(msg, "ingest", reason, "ReservedUserId"))
-                else:
-                    parsed.append((rec, msg))
+                try:
+                    parsed.append((await unseal(rec, self.keys), msg))
+                except KeyShredded:  # the user was erased: their turn can no longer be read, by design
+                    self.stats.shredded_turns += 1
+                except (ValueError, ValidationError) as exc:
+                    dead.append(error_dead_letter(msg, "ingest", exc))
         if dead:
             await self._dead(dead)
         if not parsed:

@@ -56,9 +56,17 @@ from streams.sleep.schedule import active_users, compaction_request, cron_format
 
 from .consumer import Batch, ConsumerService
 from .erasure import produce_erasure, purge_user
-from .produce import make_producer
 from .sink import LTMSink, SinkStats
-from .topics import dumps, ensure_topics, key_of, keyed_send, message_dead_letter, validation_kind, validation_reason
+from .topics import (
+    dumps,
+    ensure_topics,
+    key_of,
+    keyed_send,
+    make_producer,
+    message_dead_letter,
+    validation_kind,
+    validation_reason,
+)
 from .watermarks import TopicWatermarks
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,7 @@ from tenacity import RetryCallState, wait_exponential
 
 from streams.settings import KafkaSettings
 
-from .produce import make_producer
-from .topics import ensure_topics
+from .topics import ensure_topics, make_producer
 
 log = logging.getLogger(__name__)
 

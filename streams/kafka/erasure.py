@@ -14,9 +14,10 @@
   erasure never brings the user back.
 - the **control topic** (compacted, latest command per user): read by the compaction agent (watermark).
 
-What stays: the raw-turn log is append-only and kept forever, so the erased user's turns before the barrier
-remain stored in it (replay skips them). The segments and summaries topics keep derived texts until their
-retention (7 and 30 days) deletes them.
+The raw-turn log is append-only and kept forever: the user's turns stay in it, but sealed with their key
+(``streams.kafka.keys``), which the erasure tombstones first, so they can no longer be read (crypto-shredding).
+What stays readable: the segments and summaries topics keep derived texts until their retention (7 and 30 days)
+deletes them.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.records import ControlRecord
 from streams.settings import KafkaSettings, Settings
 
-from .produce import make_producer
 from .topics import (
     assign_and_refresh,
     dumps,
     ensure_topics,
     key_of,
+    make_producer,
     partition_for,
     partitions_of,
     stable_end_offsets,
@@ -46,10 +47,12 @@ from .topics import (
 
 
 async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
-    """``lightmem forget --kafka``: the erasure barrier into the raw-turn topic and the control topic."""
+    """``lightmem forget --kafka``: shred the user's keys, then the erasure barrier into the raw-turn topic and
+    the control topic."""
     record = ControlRecord(action="erase_user", user_id=user_id, requested_at=datetime.now(UTC))
     kafka = settings.kafka
     await ensure_topics(kafka)
+    await purge_user(kafka, user_id, [kafka.topics.keys])  # crypto-shredding: their sealed turns are unreadable
     producer = make_producer(kafka, client_id=f"{kafka.app_id}-forget")
     await producer.start()
     try:

@@ -9,23 +9,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
-from aiokafka import AIOKafkaProducer
-
 from schemas.records import RawTurn, Record
-from streams.kafka.topics import dumps, ensure_topics, key_of
+from streams.kafka.keys import KeyRing, seal
+from streams.kafka.topics import dumps, ensure_topics, key_of, make_producer
 from streams.settings import KafkaSettings
 
 WINDOW = 500  # sends in flight before waiting for their acknowledgements
-
-
-def make_producer(kafka: KafkaSettings, *, client_id: str | None = None) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=client_id or f"{kafka.app_id}-producer",
-        enable_idempotence=True,
-        acks="all",
-        linger_ms=5,
-    )
 
 
 async def produce_raw(
@@ -80,13 +69,43 @@ async def produce_turns(
     progress: Callable[[int], None] | None = None,
     create_topics: bool = True,
 ) -> int:
-    """Send turns to the raw-turn topic keyed by user id, in the given order (creates the topics first)."""
+    """Send turns to the raw-turn topic keyed by user id, in the given order (creates the topics first).
+
+    With ``kafka.seal_turns`` each turn's content is encrypted with its user's key (``streams.kafka.keys``).
+    """
     if create_topics:
         await ensure_topics(kafka)
-    return await produce_records(
-        kafka,
-        kafka.topics.raw_turns,
-        turns,
-        key=lambda r: r.user_id,  # type: ignore[attr-defined]
-        progress=progress,
-    )
+    if not kafka.seal_turns:
+        return await produce_records(
+            kafka,
+            kafka.topics.raw_turns,
+            turns,
+            key=lambda r: r.user_id,  # type: ignore[attr-defined]
+            progress=progress,
+        )
+    producer = make_producer(kafka)
+    await producer.start()
+    keys = KeyRing(kafka)
+    sent = 0
+    try:
+        pending: list[asyncio.Future] = []
+        for turn in turns:
+            key_id, fernet = await keys.key_for(turn.user_id, producer)
+            value = dumps(seal(turn, key_id, fernet))
+            pending.append(await producer.send(kafka.topics.raw_turns, value=value, key=key_of(turn.user_id)))
+            if len(pending) >= WINDOW:
+                await asyncio.gather(*pending)
+                sent += len(pending)
+                if progress is not None:
+                    progress(len(pending))
+                pending.clear()
+        await asyncio.gather(*pending)
+        sent += len(pending)
+        if progress is not None and pending:
+            progress(len(pending))
+    finally:
+        await producer.stop()
+    return sent
+
+
+__all__ = ["make_producer", "produce_raw", "produce_records", "produce_turns"]

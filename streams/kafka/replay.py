@@ -23,16 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
 
 from schemas.records import ControlRecord, DeadLetter, RawTurn
 from streams.dlq import DeadLetterLog
 from streams.settings import Settings
 
 from .codec import decode
+from .keys import KeyRing, KeyShredded, unseal
 from .topics import (
     BrokerUnavailable,
     assign_and_refresh,
     broker_available,
+    error_dead_letter,
     partitions_of,
     spec_of,
     stable_end_offsets,
@@ -52,6 +55,7 @@ class ReplayReport:
     users: int = 0
     dead_letters: int = 0
     erasures: int = 0
+    shredded: int = 0
     memory_ids: list[str] = field(default_factory=list)
     end_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -92,6 +96,7 @@ async def replay_topic(
     try:
         topic = kafka.topics.raw_turns
         spec = spec_of(kafka, "raw_turns")
+        keys = KeyRing(kafka)
         n = (await partitions_of(kafka, [topic])).get(topic)
         if not n:
             raise RuntimeError(f"topic {topic} does not exist at {kafka.bootstrap_servers}")
@@ -151,7 +156,15 @@ async def replay_topic(
                         report.erasures += 1
                         continue
                     assert isinstance(got, RawTurn)
-                    turn = got
+                    try:
+                        turn = await unseal(got, keys)
+                    except KeyShredded:  # an erased user's turn: unreadable by design
+                        report.shredded += 1
+                        continue
+                    except (ValueError, ValidationError) as exc:
+                        pipeline.dead_letters.send(error_dead_letter(rec, "ingest", exc))
+                        report.dead_letters += 1
+                        continue
                     prev = last_ts.get(turn.user_id)
                     if idle_gaps and prev is not None and rec.timestamp - prev >= idle_ms:
                         await ingest()  # this user's earlier turns first, then the idle flush the worker did

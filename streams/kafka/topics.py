@@ -13,6 +13,8 @@ table changelog partitions (same partition count → Faust co-partitions them).
 | compaction_requests | CompactionRequest | delete  | 7 days                                      |
 | dead_letters        | DeadLetter        | compact | forever, key ``<user>/<dlq id>``: nothing silent |
 | control             | ControlRecord     | compact | latest command per user kept                |
+| keys                | UserKey           | compact | key ``<user>/<key id>``; tombstoned on erasure |
+| watermarks          | WatermarkRecord   | compact | latest compaction watermark per user        |
 
 The erasure barrier (a ``ControlRecord`` ``erase_user``) also travels in-band through raw turns → segments →
 summaries (``TopicSpec.also``), ordered with the user's records; see ``streams.kafka.erasure``.
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
@@ -40,6 +43,8 @@ from schemas.records import (
     Record,
     STMSummary,
     TopicSegment,
+    UserKey,
+    WatermarkRecord,
 )
 from streams.dlq import dead_letter
 from streams.settings import KafkaSettings
@@ -106,6 +111,8 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
             {"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)},
         ),
         TopicSpec("dead_letters", t.dead_letters, p, r, DeadLetter, dict(PURGEABLE), per_record_key=True),
+        TopicSpec("keys", t.keys, p, r, UserKey, dict(PURGEABLE), per_record_key=True),
+        spec("watermarks", t.watermarks, WatermarkRecord, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
         spec("control", t.control, ControlRecord, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
     ]
 
@@ -165,6 +172,17 @@ def error_dead_letter(msg: Any, stage: str, exc: BaseException) -> DeadLetter:
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, as aiokafka and the Java client) picks for a key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def make_producer(kafka: KafkaSettings, *, client_id: str | None = None) -> AIOKafkaProducer:
+    """The idempotent producer every sender uses (``acks=all``: a retried send is not written twice)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client_id=client_id or f"{kafka.app_id}-producer",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+    )
 
 
 # -- admin ------------------------------------------------------------------------------------------

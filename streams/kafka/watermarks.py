@@ -1,7 +1,7 @@
 """Compaction watermarks in a compacted Kafka topic (streaming mode), so any sink instance resumes them.
 
-The topic ``settings.kafka.topics.watermarks`` holds one record per user (key: user id; value:
-``{"user_id", "mark", "completed_at"}``; a tombstone when the user was erased). The store owner reads it as a
+The topic ``settings.kafka.topics.watermarks`` holds one record per user (key: user id; value: a
+``WatermarkRecord``; a tombstone when the user was erased). The store owner reads it as a
 table at start (``load``); ``set``/``forget`` change the table in memory and queue the record, and
 ``flush`` produces the queued records and waits for Kafka's acknowledgement. The compaction agent flushes
 after each user's run and before it commits the request, so a replaced sink (a new pod with an empty
@@ -11,13 +11,13 @@ after each user's run and before it commits the request, so a replaced sink (a n
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from datetime import datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from schemas.records import WatermarkRecord
 from streams.settings import KafkaSettings
 from streams.sleep.changelog import Watermarks
 
@@ -44,9 +44,8 @@ class TopicWatermarks(Watermarks):
         rows = await latest_by_key(self.kafka, self.topic)
         marks = {}
         for rec in rows.values():
-            v = json.loads(rec.value)
-            mark = datetime.fromisoformat(v["mark"]) if v.get("mark") else None
-            marks[v["user_id"]] = (mark, datetime.fromisoformat(v["completed_at"]))
+            w = WatermarkRecord.model_validate_json(rec.value)
+            marks[w.user_id] = (w.mark, w.completed_at)
         with self._lock:
             self._marks = marks
         return len(marks)
@@ -56,13 +55,9 @@ class TopicWatermarks(Watermarks):
 
     def set(self, user_id: str, mark: datetime | None, completed_at: datetime) -> None:
         super().set(user_id, mark, completed_at)
-        value = {
-            "user_id": user_id,
-            "mark": mark.isoformat() if mark else None,
-            "completed_at": completed_at.isoformat(),
-        }
+        value = WatermarkRecord(user_id=user_id, mark=mark, completed_at=completed_at).model_dump_json().encode()
         with self._lock:
-            self._pending[user_id] = json.dumps(value).encode()
+            self._pending[user_id] = value
 
     def forget(self, user_id: str) -> bool:
         found = super().forget(user_id)

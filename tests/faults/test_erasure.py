@@ -53,6 +53,14 @@ def test_erasure_mid_stream_leaves_nothing(make_kafka_env: Any, locomo_conversat
         rows = run_async(latest_by_key(k, f"{env.name}-{table}-changelog"))
         leaked = [key for key, r in rows.items() if any(tid.encode() in r.value for tid in doomed)]
         assert not leaked, f"{table} rows still hold erased turns: {leaked}"
+    # the raw-turn log still holds the user's turns, sealed, and their keys are gone: unreadable (crypto-shredding)
+    raw = [json.loads(r.value) for r in env.read(k.topics.raw_turns) if r.key == erased.encode()]
+    sealed = [v for v in raw if v.get("turn_id") in doomed]
+    assert len(sealed) == len(before) and all(v["sealed"] and not v["content"] for v in sealed)
+    live = {json.loads(r.value)["key_id"] for r in run_async(user_records(k, k.topics.keys, erased))}
+    assert not live & {v["key_id"] for v in sealed}  # the keys that sealed them are tombstoned
+    assert live, "the user came back after the erasure: a new key seals their new turns"
+    assert run_async(user_records(k, k.topics.keys, kept))  # the other user's key stays
     # changes and dead letters of the user are tombstoned; the bad record was dead-lettered first
     assert not run_async(user_records(k, k.topics.dead_letters, erased))
     assert not run_async(user_records(k, k.topics.memory_changes, erased))
