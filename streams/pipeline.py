@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from schemas import DeadLetter, MemoryRecord, RawTurn, SensoryBufferState, STMBufferState, TopicSegment
+from streams import idle, stm
 from streams import segment as sensory
-from streams import stm
 from streams.cost import CostLedger
 from streams.dlq import DeadLetterLog, DeadLetterSink
 from streams.ltm import MemoryStore, open_store
@@ -58,6 +58,7 @@ class EmbeddedPipeline:
         self.ledger = CostLedger()
         self.sensory: dict[str, SensoryBufferState] = {}
         self.stm: dict[str, STMBufferState] = {}
+        self.last_turn: dict[str, float] = {}  # epoch s (wall time) of each user's last ingested turn
 
     # -- ingest ---------------------------------------------------------------------------
     async def ingest(self, turns: Sequence[RawTurn]) -> IngestReport:
@@ -72,6 +73,7 @@ class EmbeddedPipeline:
         with self.ledger.timed("segmentation", len(turns)):
             self.stages.embed([sensory.turn_label(t) for t in compressed])  # one batched pass, then cache hits
             for turn in compressed:
+                self.last_turn[turn.user_id] = now.timestamp()
                 buf = self.sensory.get(turn.user_id) or SensoryBufferState(user_id=turn.user_id)
                 segments, self.sensory[turn.user_id] = sensory.segment(buf, turn, self.stages.segmenter)
                 report.segments += len(segments)
@@ -108,15 +110,20 @@ class EmbeddedPipeline:
         return report
 
     async def flush_idle(self, now: datetime | None = None) -> IngestReport:
-        """Flush the STM buffers of users idle past the timeout (the embedded twin of the worker's timer)."""
-        now = now or datetime.now(UTC)
-        batches = []
-        for u, buf in list(self.stm.items()):
-            if stm.due(buf, now, self.settings.stm):
-                batch, self.stm[u] = stm.flush(buf)
-                if batch:
-                    batches.append(batch)
-        return await self._extract_and_store(batches)
+        """Flush the buffers of users idle past the timeout (``streams.idle.decide``, as the worker's timer)."""
+        now_s = (now or datetime.now(UTC)).timestamp()
+        report = IngestReport()
+        for u in sorted(set(self.sensory) | set(self.stm)):
+            d = idle.decide(
+                last_turn_s=self.last_turn.get(u),
+                now_s=now_s,
+                idle_timeout_s=self.settings.stm.idle_timeout_s,
+                sensory_turns=len(self.sensory[u].turns) if u in self.sensory else 0,
+                stm_segments=len(self.stm[u].segments) if u in self.stm else 0,
+            )
+            if d.flush_sensory or d.flush_stm:  # in process, flushed segments reach STM at once
+                report.merge(await self.flush(u))
+        return report
 
     async def _extract_and_store(self, batches: Sequence[Sequence[TopicSegment]]) -> IngestReport:
         report = IngestReport()
@@ -143,6 +150,7 @@ class EmbeddedPipeline:
         """Drop a user's buffered (not yet extracted) sensory and STM state."""
         self.sensory.pop(user_id, None)
         self.stm.pop(user_id, None)
+        self.last_turn.pop(user_id, None)
 
     async def aclose(self) -> None:
         try:

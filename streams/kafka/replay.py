@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from schemas.records import ControlRecord, DeadLetter, RawTurn
 from streams.dlq import DeadLetterLog
+from streams.idle import idle
 from streams.settings import Settings
 
 from .codec import decode
@@ -113,7 +114,7 @@ async def replay_topic(
             raise CollectionNotEmpty(
                 f"collection {collection!r} already holds {pipeline.store.count()} memories: replay into a new one"
             )
-        idle_ms = settings.stm.idle_timeout_s * 1000
+        idle_s = settings.stm.idle_timeout_s
         last_ts: dict[str, int] = {}
         pending: list[RawTurn] = []
         users: set[str] = set()
@@ -143,8 +144,7 @@ async def replay_topic(
                     if isinstance(got, ControlRecord):  # the erasure barrier: nothing of the user before it
                         user = got.user_id
                         pending[:] = [t for t in pending if t.user_id != user]
-                        pipeline.sensory.pop(user, None)
-                        pipeline.stm.pop(user, None)
+                        pipeline.forget_user(user)
                         pipeline.store.delete_user(user)
                         if isinstance(pipeline.dead_letters, DeadLetterLog):  # e.g. a bad record of theirs
                             pipeline.dead_letters.remove(
@@ -166,7 +166,7 @@ async def replay_topic(
                         report.dead_letters += 1
                         continue
                     prev = last_ts.get(turn.user_id)
-                    if idle_gaps and prev is not None and rec.timestamp - prev >= idle_ms:
+                    if idle_gaps and idle(None if prev is None else prev / 1000, rec.timestamp / 1000, idle_s):
                         await ingest()  # this user's earlier turns first, then the idle flush the worker did
                         r = await pipeline.flush(turn.user_id)
                         memory_ids.update({m.memory_id: m.user_id for m in r.memories})
