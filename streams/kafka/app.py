@@ -11,7 +11,7 @@ Agents (the shell only; every decision is a stage function of ``streams``):
   dead letter to the dead-letter topic.
 - **idle timer** (every ``tick_s``): for users of this worker's partitions idle past
   ``settings.stm.idle_timeout_s``, ``segment.flush`` their sensory buffer (→ segments topic), then
-  ``stm.due``/``stm.flush`` → extract → summaries once the flushed segments have reached STM.
+  ``streams.idle.decide`` → ``stm.flush`` → extract → summaries once the flushed segments have reached STM.
 
 Model work (compression, segmentation) runs in a one-thread executor so the event loop keeps serving
 other partitions, heartbeats and commits; the LLM call is awaited on the loop.
@@ -63,8 +63,8 @@ from schemas.records import (
     STMTableRow,
     TopicSegment,
 )
+from streams import idle, seqmarks, stm
 from streams import segment as sensory
-from streams import seqmarks, stm
 from streams.cost import CostLedger
 from streams.settings import Settings
 from streams.stages import Stages
@@ -650,7 +650,7 @@ class Shell:
                 await self._flush_stm(key, now_s, now)
 
     def _sensory_idle(self, row: SensoryRow, now_s: float) -> bool:
-        return now_s - row.seen_at >= self.idle_s
+        return idle.idle(row.seen_at or None, now_s, self.idle_s)
 
     async def _flush_sensory(self, key: bytes, now_s: float) -> None:
         user = key.decode()
@@ -672,20 +672,21 @@ class Shell:
 
     async def _flush_stm(self, key: bytes, now_s: float, now: datetime) -> None:
         user = key.decode()
-        row = STMRow.load(self.stm_table.get(key), user)
-        if not stm.due(row.state, now, self.settings.stm):
-            return
         async with self._locks[key]:
             srow = self._sensory_row(key, user)
-            if srow.state.turns or not self._sensory_idle(srow, now_s):
-                return  # the user is still active upstream: more segments will come
             row = STMRow.load(self.stm_table.get(key), user)
-            if srow.pending:
-                if not row.took(srow.pending):
-                    return  # turns flushed by the timer have not reached STM yet
+            decision = idle.decide(
+                last_turn_s=srow.seen_at or None,
+                now_s=now_s,
+                idle_timeout_s=self.idle_s,
+                sensory_turns=len(srow.state.turns),
+                stm_segments=len(row.state.segments),
+                pending=not row.took(srow.pending),  # turns the timer flushed have not reached STM yet
+            )
+            if srow.pending and row.took(srow.pending):
                 srow.pending = {}
                 self.sensory_table[key] = srow.dump()
-            if not stm.due(row.state, now, self.settings.stm):
+            if not decision.flush_stm:
                 return
             batch, row.state = stm.flush(row.state)
             if batch:
