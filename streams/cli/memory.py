@@ -243,7 +243,9 @@ def revert(
 def forget(
     user: Annotated[str | None, typer.Option("--user", "-u", help="the user to erase (required)")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
-    kafka: Annotated[bool, typer.Option("--kafka", help="send an erase_user command to the control topic")] = False,
+    kafka: Annotated[
+        bool, typer.Option("--kafka", help="erase over Kafka: shred the user's keys, send the erasure barrier")
+    ] = False,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Erase a user: memories, buffered turns, session counters, change log entries, watermark, dead letters."""
@@ -256,7 +258,10 @@ def forget(
         from streams.kafka.erasure import produce_erasure  # aiokafka: only with --kafka
 
         rec = run_broker(produce_erasure(settings, user))
-        console.print(f"sent erase_user for {user!r} to {settings.kafka.topics.control} at {rec.requested_at:%c}")
+        console.print(
+            f"erased {user!r}: keys shredded, erase_user sent through {settings.kafka.topics.raw_turns} "
+            f"and {settings.kafka.topics.control} at {rec.requested_at:%c}"
+        )
         return
     with open_memory(settings) as m:
         r = m.erase(user)

@@ -64,6 +64,10 @@ def ingest_cmd(data_dir: Path, path: Path) -> tuple[list[str], dict[str, str]]:
     return [str(LIGHTMEM), "ingest", str(path)], env
 
 
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
 def memories(data_dir: Path, users: list[str]) -> dict[str, str]:
     s = Settings(data_dir=data_dir)
     with Memory(s) as m:
@@ -85,12 +89,17 @@ def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations
     deadline = time.monotonic() + 300
     while not store.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(6.0)  # models loaded, ingest under way: batches are being written
+    time.sleep(1.0)
+    base = _size(store)
+    while _size(store) <= base and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)  # the first batches are being written
+    time.sleep(0.5)
     assert proc.poll() is None, "the ingest finished before the kill: nothing was cut off"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
     after_crash = memories(crash_dir, users)  # the store reopens
     assert set(after_crash) <= set(clean) and all(after_crash[k] == clean[k] for k in after_crash)
+    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     final = memories(crash_dir, users)
     print(f"R6 memories clean={len(clean)} after_crash={len(after_crash)} after_rerun={len(final)}")
