@@ -41,7 +41,6 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 from aiokafka.structs import ConsumerRecord
-from pydantic import ValidationError
 
 from schemas.records import CompactionRequest, ControlRecord, DeadLetter, MemoryChange
 from streams.cost import CostLedger
@@ -54,6 +53,7 @@ from streams.sleep.compact import Compactor
 from streams.sleep.decide import Decider
 from streams.sleep.schedule import active_users, compaction_request, cron_format, last_slot
 
+from .codec import decode
 from .consumer import Batch, ConsumerService
 from .erasure import produce_erasure, purge_user
 from .sink import LTMSink, SinkStats
@@ -63,9 +63,7 @@ from .topics import (
     key_of,
     keyed_send,
     make_producer,
-    message_dead_letter,
-    validation_kind,
-    validation_reason,
+    spec_of,
 )
 from .watermarks import TopicWatermarks
 
@@ -277,11 +275,11 @@ class CompactionAgent(ConsumerService):
         """
         if rec.value is None:
             return  # a tombstone: the command was cleared
-        try:
-            cmd = ControlRecord.model_validate_json(rec.value)
-        except ValidationError as exc:
-            self._dead.send(message_dead_letter(rec, "control", validation_reason(exc), validation_kind(exc)))
+        cmd = decode(spec_of(self.kafka, "control"), rec, "control")
+        if isinstance(cmd, DeadLetter):
+            self._dead.send(cmd)
             return
+        assert isinstance(cmd, ControlRecord)
         doomed = [r.memory_id for r in self.store.get_all(cmd.user_id) if r.created_at <= cmd.requested_at]
         if doomed:
             self.store.delete(cmd.user_id, doomed)
@@ -303,11 +301,11 @@ class CompactionAgent(ConsumerService):
                     await self._control(rec)
                     continue
                 self.stats.requests += 1
-                try:
-                    req = CompactionRequest.model_validate_json(rec.value if rec.value is not None else b"")
-                except ValidationError as exc:
-                    self._dead.send(message_dead_letter(rec, "compact", validation_reason(exc), validation_kind(exc)))
+                req = decode(spec_of(self.kafka, "compaction_requests"), rec, "compact")
+                if isinstance(req, DeadLetter):
+                    self._dead.send(req)
                     continue
+                assert isinstance(req, CompactionRequest)
                 if req.request_id in self._seen:
                     self.stats.duplicates += 1
                     continue
