@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import typer
 
-from streams.cli import dlq, embedded, eval, memory, stream
+from streams.cli import dlq, embedded, memory, stream
+from streams.cli import eval as evaluation
 
 app = typer.Typer(
     name="lightmem",
@@ -23,7 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for group in (embedded, memory, stream, eval):
+for group in (embedded, memory, stream, evaluation):
     app.add_typer(group.app)  # a group added without a name: its commands join the top level
 app.add_typer(dlq.app)  # a named group: lightmem dlq list|show|redrive
 
