@@ -19,13 +19,16 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from schemas.records import DeadLetter, RawTurn, STMSummary, TopicSegment
 from streams.dlq import DeadLetterLog
 from streams.memories import summary_to_memories, write_memories
-from streams.pipeline import EmbeddedPipeline
+
+if TYPE_CHECKING:  # the CLI imports this module without loading the models or the LLM client
+    from streams.pipeline import EmbeddedPipeline
 
 REDRIVABLE = ("extract", "sink", "ingest")
 
