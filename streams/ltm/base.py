@@ -20,6 +20,7 @@ import numpy as np
 from schemas.records import MemoryRecord
 from streams import metrics
 from streams.ltm import sparse
+from streams.ltm.owner import StoreOwner
 from streams.settings import StoreSettings
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
@@ -161,9 +162,16 @@ def _ordered(hits: Sequence[Hit]) -> list[Hit]:
 class BaseStore(ABC):
     """Shared implementation of ``MemoryStore`` over backend primitives."""
 
+    owner: StoreOwner | None = None  # the directory lock of an on-disk store (set by ``open_store``)
+
     def __init__(self, settings: StoreSettings, dim: int) -> None:
         self.settings = settings
         self.dim = dim
+
+    def release_owner(self) -> None:
+        """Give up the on-disk store's lock (backends call this last in ``close``)."""
+        if self.owner is not None:
+            self.owner.release()
 
     # -- backend primitives -----------------------------------------------------------
     @abstractmethod
