@@ -101,6 +101,10 @@ class Memory:
             _require_user(t.user_id)
         return self._runner.run(self.pipeline.ingest(turns))
 
+    def next_seq(self, user_id: str, session_id: str, n: int = 1) -> int:
+        """Reserve ``n`` turn sequence numbers in a session (as ``add`` does); returns the first."""
+        return self._counters.take(_require_user(user_id), session_id, n)
+
     def flush(self, user_id: str | None = None) -> IngestReport:
         """Extract whatever is buffered into long-term memory now (one user, or everyone)."""
         return self._runner.run(self.pipeline.flush(user_id))

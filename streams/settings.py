@@ -133,6 +133,25 @@ class KafkaSettings(BaseModel):
     topics: KafkaTopics = KafkaTopics()
 
 
+class ApiSettings(BaseModel):
+    """The memory service (``lightmem serve``) and its clients (CLI, ``MemoryClient``, MCP)."""
+
+    url: str | None = Field(
+        default=None, description="a running server's base URL; when set, the CLI and MCP go through it"
+    )
+    key: SecretStr | None = Field(default=None, description="API key the CLI and MCP send to `url`")
+    keys_file: Path | None = Field(default=None, description="key hashes; unset = <data_dir>/api_keys.json")
+    host: str = Field(default="127.0.0.1", description="address `lightmem serve` listens on")
+    port: int = Field(default=8420, ge=0, le=65535)
+    rate_limit: str = Field(default="50/second;1000/minute", description="per key, `limits` notation")
+    max_batch_turns: int = Field(default=1000, ge=1, description="turns in one POST /v1/turns")
+    max_turn_chars: int = Field(default=32_768, ge=1, description="characters of one turn's content")
+    page_size: int = Field(default=100, ge=1, le=1000, description="memories per page of GET /v1/memories")
+    search_batch_window_ms: float = Field(
+        default=2.0, ge=0, description="concurrent searches arriving within this window share one encoder pass"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIGHTMEM_", env_nested_delimiter="__", extra="ignore")
 
@@ -145,6 +164,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     sleep: SleepSettings = SleepSettings()
     kafka: KafkaSettings = KafkaSettings()
+    api: ApiSettings = ApiSettings()
 
     @property
     def pipeline_version(self) -> str:
