@@ -243,10 +243,10 @@ def create_app(service: Service) -> FastAPI:
             internal = service.users.of(who)
         else:
             internal = [known(who, u) for u in body.users]
-        out = await service.compact(internal, full=body.full)
+        out = await service.compact(who, internal, full=body.full)
         if out.mode == "kafka":
             response.status_code = 202
-        return convert.compact_out(who, out)
+        return out
 
     @app.get("/v1/costs", response_model=CostsOut, responses=ADMIN_ERRORS, tags=["read"])
     def costs(who: Admin) -> CostsOut:

@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from schemas import DeadLetter, MemoryChange, MemoryRecord
-from streams.api import IngestReport, MemoryView, RevertResult
+from streams.api import CompactionReport, IngestReport, MemoryView, RevertResult
 from streams.service.auth import Principal
-from streams.service.models import CompactOut, IngestOut, MemoryDetail, RevertOut
+from streams.service.models import CompactOut, IngestOut, MemoryDetail, RevertOut, UserRunOut
 
 
 def _name(who: Principal, internal: str) -> str:
@@ -79,13 +79,24 @@ def revert_out(who: Principal, result: RevertResult) -> RevertOut:
     return RevertOut(reverted=change(who, result.reverted), revert=change(who, result.revert), already=result.already)
 
 
-def compact_out(who: Principal, out: CompactOut) -> CompactOut:
-    return out.model_copy(
-        update={
-            "users": [_name(who, u) for u in out.users],
-            "changes": changes(who, out.changes),
-            "dead_letters": [dead_letter(who, d) for d in out.dead_letters],
-        }
+def compact_out(who: Principal, report: CompactionReport) -> CompactOut:
+    return CompactOut(
+        mode="embedded",
+        model=report.model,
+        runs=[
+            UserRunOut(
+                user_id=_name(who, u.user_id),
+                watermark_before=u.watermark_before,
+                watermark_after=u.watermark_after,
+                targets=u.targets,
+                candidates=u.candidates,
+                changes=changes(who, u.changes),
+                dead_letters=[dead_letter(who, d) for d in u.dead_letters],
+                cost=u.cost,
+            )
+            for u in report.users
+        ],
+        cost=report.cost,
     )
 
 

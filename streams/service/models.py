@@ -105,14 +105,28 @@ class CompactIn(Wire):
     full: bool = Field(default=False, description="ignore the watermarks: compare every memory again")
 
 
+class UserRunOut(Wire):
+    """One user's compaction run."""
+
+    user_id: str
+    watermark_before: AwareDatetime | None
+    watermark_after: AwareDatetime | None
+    targets: int
+    candidates: int
+    changes: list[MemoryChange]
+    dead_letters: list[DeadLetter]
+    cost: StageCost
+
+
 class CompactOut(Wire):
-    """Embedded: the run's changes, dead letters and cost (200). Streaming: requests sent to the agent (202)."""
+    """Embedded: each user's run and the total cost (200). Streaming: ``requested`` users' requests are on the
+    compaction topic; the agent in this process runs them (202)."""
 
     mode: Literal["embedded", "kafka"]
-    users: list[str]
-    changes: list[MemoryChange] = Field(default_factory=list)
-    dead_letters: list[DeadLetter] = Field(default_factory=list)
+    model: str = Field(default="", description="who decided: 'llm:<model>' or 'offline-rule'")
+    runs: list[UserRunOut] = Field(default_factory=list)
     cost: StageCost | None = None
+    requested: list[str] = Field(default_factory=list)
 
 
 class CostsOut(Wire):
