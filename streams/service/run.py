@@ -97,8 +97,10 @@ def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0, ti
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"the API did not start on {host}:{port}")
         time.sleep(0.02)
+    url = f"http://{host}:{port}"
+    announce(service.memory, url)
     try:
-        yield f"http://{host}:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=timeout_s)
