@@ -23,19 +23,29 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from schemas import MemoryChange, MemoryRecord, RawTurn, StageCost
-from streams.api import CompactionReport, ErasureReport, IngestReport, MemoryView, RevertError, RevertResult
+from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, StageCost
+from streams.api import (
+    CompactionReport,
+    ErasureReport,
+    IngestReport,
+    MemoryInfo,
+    MemoryView,
+    RevertError,
+    RevertResult,
+)
 from streams.ltm import MissingUserError, ScoredMemory
 from streams.service.models import (
     CompactOut,
     CostsOut,
     ErasureOut,
+    InfoOut,
     IngestOut,
     MemoriesPage,
     MemoryDetail,
     RevertOut,
     SearchOut,
     TurnsAccepted,
+    UsersOut,
 )
 from streams.sleep.compact import UserRun
 
@@ -298,6 +308,22 @@ class _Calls:
         return _Call("DELETE", f"/v1/users/{_require_user(user_id)}", read)
 
     @staticmethod
+    def users() -> _Call[list[str]]:
+        return _Call("GET", "/v1/users", lambda r: list(UsersOut.model_validate_json(r.content).users))
+
+    @staticmethod
+    def dead_letters() -> _Call[list[DeadLetter]]:
+        return _Call("GET", "/v1/dead-letters", lambda r: [DeadLetter.model_validate(d) for d in r.json()])
+
+    @staticmethod
+    def info() -> _Call[MemoryInfo]:
+        def read(r: httpx.Response) -> MemoryInfo:
+            i = InfoOut.model_validate_json(r.content)
+            return MemoryInfo(i.compressor, i.extractor, i.store, i.collection)
+
+        return _Call("GET", "/v1/info", read)
+
+    @staticmethod
     def costs() -> _Call[dict[str, StageCost]]:
         return _Call("GET", "/v1/costs", lambda r: dict(CostsOut.model_validate_json(r.content).stages))
 
@@ -329,7 +355,13 @@ class MemoryClient:
         return self._send(_Calls.add_turns(turns))
 
     def flush(self, user_id: str | None = None) -> IngestReport:
-        return self._send(_Calls.flush(user_id))
+        """One user's buffers into long-term memory now; without a user, every user of the key's tenant."""
+        if user_id is not None:
+            return self._send(_Calls.flush(user_id))
+        report = IngestReport()
+        for u in self.users():
+            report.merge(self._send(_Calls.flush(u)))
+        return report
 
     def search(
         self,
@@ -364,8 +396,18 @@ class MemoryClient:
     def revert(self, change_id: str, force: bool = False) -> RevertResult:
         return self._send(_Calls.revert(change_id, force))
 
-    def compact(self, users: Sequence[str] | None = None, *, full: bool = False) -> CompactionReport:
-        return self._send(_Calls.compact(users, full))
+    def compact(
+        self,
+        users: Sequence[str] | None = None,
+        *,
+        full: bool = False,
+        after_user: Callable[[UserRun], None] | None = None,
+    ) -> CompactionReport:
+        report = self._send(_Calls.compact(users, full))
+        if after_user is not None:
+            for run in report.users:
+                after_user(run)
+        return report
 
     def erase(self, user_id: str) -> ErasureReport:
         return self._send(_Calls.erase(user_id))
@@ -375,6 +417,15 @@ class MemoryClient:
 
     def costs(self) -> dict[str, StageCost]:
         return self._send(_Calls.costs())
+
+    def users(self) -> list[str]:
+        return self._send(_Calls.users())
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._send(_Calls.dead_letters())
+
+    def info(self) -> MemoryInfo:
+        return self._send(_Calls.info())
 
     def close(self) -> None:
         self._http.close()
@@ -409,7 +460,12 @@ class AsyncMemoryClient:
         return await self._send(_Calls.add_turns(turns))
 
     async def flush(self, user_id: str | None = None) -> IngestReport:
-        return await self._send(_Calls.flush(user_id))
+        if user_id is not None:
+            return await self._send(_Calls.flush(user_id))
+        report = IngestReport()
+        for u in await self.users():
+            report.merge(await self._send(_Calls.flush(u)))
+        return report
 
     async def search(
         self,
@@ -443,8 +499,18 @@ class AsyncMemoryClient:
     async def revert(self, change_id: str, force: bool = False) -> RevertResult:
         return await self._send(_Calls.revert(change_id, force))
 
-    async def compact(self, users: Sequence[str] | None = None, *, full: bool = False) -> CompactionReport:
-        return await self._send(_Calls.compact(users, full))
+    async def compact(
+        self,
+        users: Sequence[str] | None = None,
+        *,
+        full: bool = False,
+        after_user: Callable[[UserRun], None] | None = None,
+    ) -> CompactionReport:
+        report = await self._send(_Calls.compact(users, full))
+        if after_user is not None:
+            for run in report.users:
+                after_user(run)
+        return report
 
     async def erase(self, user_id: str) -> ErasureReport:
         return await self._send(_Calls.erase(user_id))
@@ -454,6 +520,15 @@ class AsyncMemoryClient:
 
     async def costs(self) -> dict[str, StageCost]:
         return await self._send(_Calls.costs())
+
+    async def users(self) -> list[str]:
+        return await self._send(_Calls.users())
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        return await self._send(_Calls.dead_letters())
+
+    async def info(self) -> MemoryInfo:
+        return await self._send(_Calls.info())
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -11,14 +11,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from schemas import MemoryChange
+from schemas import DeadLetter, MemoryChange
 from streams import metrics
 from streams.api import AmbiguousChange, ChangeNotFound, RevertError
 from streams.ltm import MissingUserError
@@ -30,6 +30,7 @@ from streams.service.models import (
     CostsOut,
     ErasureOut,
     Health,
+    InfoOut,
     IngestOut,
     MemoriesPage,
     MemoryDetail,
@@ -40,6 +41,7 @@ from streams.service.models import (
     SearchOut,
     TurnsAccepted,
     TurnsIn,
+    UsersOut,
 )
 from streams.service.state import Service
 
@@ -48,12 +50,12 @@ UserPath = Annotated[str, Path(pattern=USER_PATTERN, description="the user (of y
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 MemoryIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="a memory id (uuid)")]
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "no API key, or an unknown or revoked one"},
     404: {"model": Problem, "description": "no such user or record in your tenant"},
     429: {"model": Problem, "description": "rate limit; retry after the Retry-After header's seconds"},
 }
-ADMIN_ERRORS = {**ERRORS, 403: {"model": Problem, "description": "needs an admin key"}}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 403: {"model": Problem, "description": "needs an admin key"}}
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -247,6 +249,25 @@ def create_app(service: Service) -> FastAPI:
         if out.mode == "kafka":
             response.status_code = 202
         return out
+
+    @app.get("/v1/users", response_model=UsersOut, responses=ERRORS, tags=["read"])
+    def list_users(who: Who) -> UsersOut:
+        """Your tenant's users (with memories, or turns posted to this server)."""
+        return UsersOut(users=sorted(who.external(u) or "" for u in service.users.of(who)))
+
+    @app.get("/v1/dead-letters", response_model=list[DeadLetter], responses=ERRORS, tags=["read"])
+    def dead_letters(who: Who) -> list[DeadLetter]:
+        """Records of your tenant's users that a stage could not process, with the reason."""
+        mine = [d for d in service.memory.dead_letters() if d.key is not None and who.external(d.key) is not None]
+        return [convert.dead_letter(who, d) for d in mine]
+
+    @app.get("/v1/info", response_model=InfoOut, responses=ERRORS, tags=["read"])
+    def info(who: Who) -> InfoOut:
+        """The compressor, extractor and store this server runs with."""
+        i = service.memory.info()
+        return InfoOut(
+            compressor=i.compressor, extractor=i.extractor, store=i.store, collection=i.collection, mode=service.mode
+        )
 
     @app.get("/v1/costs", response_model=CostsOut, responses=ADMIN_ERRORS, tags=["read"])
     def costs(who: Admin) -> CostsOut:

@@ -129,6 +129,20 @@ class CompactOut(Wire):
     requested: list[str] = Field(default_factory=list)
 
 
+class UsersOut(Wire):
+    users: list[str]
+
+
+class InfoOut(Wire):
+    """What the server's ``Memory`` runs with (names only)."""
+
+    compressor: str
+    extractor: str
+    store: str
+    collection: str
+    mode: Literal["embedded", "kafka"]
+
+
 class CostsOut(Wire):
     stages: dict[str, StageCost]
 
