@@ -5,8 +5,8 @@ thread and, in streaming mode, the Kafka side). Routes add no memory logic of th
 translate the caller's user names into the store's (tenant-scoped) ids and back, and call ``Memory``.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: FastAPI reads the routes' annotations, and ``Who``/``Admin`` are local
+# to ``create_app``, so they must be evaluated where the routes are defined
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager

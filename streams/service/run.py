@@ -81,9 +81,12 @@ def serve(
 
 
 @contextmanager
-def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> Iterator[str]:
+def serve_in_thread(
+    service: Service, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0, *, owner: bool = True
+) -> Iterator[str]:
     """Serve ``service`` with uvicorn on a background thread (tests, benchmarks, an app embedding the API);
-    yields the base URL once it accepts connections, and stops the server on exit."""
+    yields the base URL once it accepts connections, and stops the server on exit. ``owner``: record the URL as
+    where the store is served (see ``announce``)."""
     if port == 0:
         with socket.socket() as s:
             s.bind((host, 0))
@@ -98,7 +101,8 @@ def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0, ti
             raise RuntimeError(f"the API did not start on {host}:{port}")
         time.sleep(0.02)
     url = f"http://{host}:{port}"
-    announce(service.memory, url)
+    if owner:
+        announce(service.memory, url)
     try:
         yield url
     finally:
