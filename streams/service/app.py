@@ -51,6 +51,7 @@ UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0
 MemoryIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="a memory id (uuid)")]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "a request body that is not JSON"},
     401: {"model": Problem, "description": "no API key, or an unknown or revoked one"},
     404: {"model": Problem, "description": "no such user or record in your tenant"},
     429: {"model": Problem, "description": "rate limit; retry after the Retry-After header's seconds"},
@@ -60,6 +61,11 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 403: {"model": Proble
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
     return HTTPException(status_code=status, detail=detail, headers=headers)
+
+
+def _invalid(loc: list[str | int], msg: str) -> RequestValidationError:
+    """A 422 in FastAPI's own shape (``detail``: a list of {loc, msg, type}), as the OpenAPI document declares."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}])
 
 
 def create_app(service: Service) -> FastAPI:
@@ -82,7 +88,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(MissingUserError)
     async def _missing_user(request: Request, exc: MissingUserError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"detail": [{"loc": ["query", "user_id"], "msg": str(exc), "type": "missing"}]}, 422)
 
     # -- who is asking ------------------------------------------------------------------------
     def principal(request: Request) -> Principal:
@@ -166,9 +172,9 @@ def create_app(service: Service) -> FastAPI:
         """The user's ``limit`` best memories for ``q``, optionally only of events between ``since`` and ``until``."""
         for name, ts in (("since", since), ("until", until)):
             if ts is not None and ts.tzinfo is None:
-                raise _problem(422, f"{name} needs a UTC offset (e.g. 2024-05-01T10:00:00+00:00)")
+                raise _invalid(["query", name], "needs a UTC offset (e.g. 2024-05-01T10:00:00+00:00)")
         if since is not None and until is not None and since > until:
-            raise _problem(422, "since is after until")
+            raise _invalid(["query", "since"], "since is after until")
         internal = known(who, user_id)
         hits = service.memory.search(q, internal, limit, time_from=since, time_to=until, mode=mode)
         return SearchOut(results=[SearchHit(record=convert.record(who, h.record), score=h.score) for h in hits])
@@ -185,7 +191,7 @@ def create_app(service: Service) -> FastAPI:
         try:
             after = convert.decode_cursor(cursor) if cursor else None
         except ValueError as exc:
-            raise _problem(422, str(exc)) from exc
+            raise _invalid(["query", "cursor"], str(exc)) from exc
         page, nxt = convert.page(service.memory.get_all(internal), after, limit or service.settings.api.page_size)
         return MemoriesPage(memories=[convert.record(who, r) for r in page], next_cursor=nxt)
 
