@@ -178,6 +178,11 @@ class Memory:
         """Extract whatever is buffered into long-term memory now (one user, or everyone)."""
         return self._runner.run(self.pipeline.flush(user_id))
 
+    def run_idle(self, now_ts: float | None = None) -> IngestReport:
+        """Flush the buffers of users idle past the timeout (what a timer calls; ``now_ts``: epoch seconds)."""
+        now = datetime.fromtimestamp(now_ts, UTC) if now_ts is not None else datetime.now(UTC)
+        return self._runner.run(self.pipeline.flush_idle(now))
+
     # -- read -----------------------------------------------------------------------------
     def search(
         self,
