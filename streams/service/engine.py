@@ -6,8 +6,8 @@ erasure always sees the turns posted before it. Turns posted without ``wait`` ar
 ``Memory.add_turns`` call per drain, which keeps API ingest as fast as in-process ingest. Searches and other reads
 run concurrently on the request threads (the store and the batching query encoder are thread-safe).
 
-The writer also runs the idle flush: a user who posted turns and then nothing for ``stm.idle_timeout_s`` is
-flushed, as the streaming worker's timer does.
+The writer is also the idle-flush timer: every ``tick_s`` it calls ``Memory.run_idle`` (the one idle policy), so a
+user who stops talking is flushed after ``stm.idle_timeout_s``, as the streaming worker's timer does.
 
 In streaming mode (``kafka``), turns, erasures and compaction requests go to their topics instead; the store is
 written by the LTM sink and the compaction agent running in this process.
@@ -43,21 +43,25 @@ class _Job:
 class Writer:
     """One thread that performs every write on ``Memory``, in submission order."""
 
-    def __init__(self, memory: Memory, *, idle_timeout_s: float, tick_s: float = 1.0) -> None:
+    def __init__(self, memory: Memory, *, tick_s: float = 1.0) -> None:
         self.memory = memory
-        self.idle_timeout_s = idle_timeout_s
         self.tick_s = tick_s
         self._q: queue.Queue[Any] = queue.Queue()
-        self._dirty: dict[str, float] = {}  # user → monotonic time of their last ingested turn, until flushed
+        self._idle_at = time.monotonic()
+        self._count = threading.Lock()
         self.queued_turns = 0
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="memory-writer", daemon=True)
         self._thread.start()
 
     # -- submission (any thread) ------------------------------------------------------------
+    def _queued(self, n: int) -> None:
+        with self._count:
+            self.queued_turns += n
+
     def ingest(self, turns: Sequence[RawTurn]) -> None:
         """Queue turns (202): they go through in order; nothing else is returned."""
-        self.queued_turns += len(turns)
+        self._queued(len(turns))
         self._q.put(_Job(turns=list(turns)))
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
@@ -69,7 +73,7 @@ class Writer:
     def ingest_now(self, turns: Sequence[RawTurn]) -> Future[IngestReport]:
         """Ingest after everything queued before, and return what these turns produced."""
         turns = list(turns)
-        self.queued_turns += len(turns)
+        self._queued(len(turns))
         return self.call(lambda: self._add(turns))
 
     def alive(self) -> bool:
@@ -83,13 +87,9 @@ class Writer:
     # -- the writer thread --------------------------------------------------------------------
     def _add(self, turns: list[RawTurn]) -> IngestReport:
         try:
-            report = self.memory.add_turns(turns)
+            return self.memory.add_turns(turns)
         finally:
-            self.queued_turns -= len(turns)
-        now = time.monotonic()
-        for t in turns:
-            self._dirty[t.user_id] = now
-        return report
+            self._queued(-len(turns))
 
     def _ingest_or_dead_letter(self, turns: list[RawTurn]) -> None:
         try:
@@ -98,7 +98,7 @@ class Writer:
         except Exception:  # noqa: BLE001 - accepted turns are never dropped silently
             log.exception("ingest of %d queued turns failed; retrying them one by one", len(turns))
         for t in turns:
-            self.queued_turns += 1
+            self._queued(1)
             try:
                 self._add([t])
             except Exception as exc:  # noqa: BLE001
@@ -107,23 +107,22 @@ class Writer:
                 self.memory.pipeline.dead_letters.send(dl)
                 log.error("dead letter (ingest, %s) for turn %s: %s", type(exc).__name__, t.turn_id, exc)
 
-    def _flush_idle(self) -> None:
-        now = time.monotonic()
-        for user, seen in list(self._dirty.items()):
-            if now - seen >= self.idle_timeout_s:
-                try:
-                    self.memory.flush(user)
-                except Exception:  # noqa: BLE001 - the buffer stays; the next tick tries again
-                    log.exception("idle flush of %s failed", user)
-                    continue
-                self._dirty.pop(user, None)
+    def _idle(self) -> None:
+        """``Memory.run_idle`` once per tick, also while requests keep the queue busy."""
+        if time.monotonic() - self._idle_at < self.tick_s:
+            return
+        self._idle_at = time.monotonic()
+        try:
+            self.memory.run_idle()
+        except Exception:  # noqa: BLE001 - the buffers stay; the next tick tries again
+            log.exception("idle flush failed")
 
     def _run(self) -> None:
         while True:
+            self._idle()
             try:
                 job = self._q.get(timeout=self.tick_s)
             except queue.Empty:
-                self._flush_idle()
                 continue
             if job is _STOP:
                 return
@@ -150,7 +149,3 @@ class Writer:
                     job.done.set_result(job.call())
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     job.done.set_exception(exc)
-
-    def forget(self, user_id: str) -> None:
-        """Drop a user from the idle-flush list (after an erasure); call on the writer thread."""
-        self._dirty.pop(user_id, None)

@@ -100,7 +100,7 @@ class Service:
         self.keys = keys or KeyStore(keys_path(settings.api.keys_file, settings.data_dir))
         self.limiter = RateLimiter(settings.api.rate_limit)
         self.users = KnownUsers(memory.users)
-        self.writer = None if streaming else Writer(memory, idle_timeout_s=settings.stm.idle_timeout_s)
+        self.writer = None if streaming else Writer(memory)
         self._lock = threading.Lock()  # streaming mode: the API's own store writes (reverts), one at a time
 
     @property
@@ -201,15 +201,7 @@ class Service:
             record = await self.streaming.erase(user_id)
             self.users.discard(user_id)
             return ErasureOut(user_id=user_id, mode="kafka", requested_at=record.requested_at)
-        writer = self.writer
-        assert writer is not None
-
-        def run() -> Any:
-            report = self.memory.erase(user_id)
-            writer.forget(user_id)
-            return report
-
-        report = await self.write(run)
+        report = await self.write(lambda: self.memory.erase(user_id))
         self.users.discard(user_id)
         return ErasureOut(
             user_id=user_id,
