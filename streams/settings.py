@@ -165,6 +165,8 @@ class WorkerSettings(BaseModel):
     )
     standby_replicas: int = Field(default=0, ge=0, description="standby table copies on other workers")
     session_timeout_s: float = Field(default=10.0, gt=0, description="Kafka consumer group session timeout")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics on this port")
+    metrics_host: str = Field(default="127.0.0.1", description="address of the /metrics port")
 
 
 class SinkSettings(BaseModel):
@@ -174,6 +176,8 @@ class SinkSettings(BaseModel):
     batch_ms: int = Field(default=500, ge=1, description="longest wait for a batch, in milliseconds")
     idle_exit_s: float | None = Field(default=None, gt=0, description="exit after this long without records")
     heartbeat_file: Path | None = Field(default=None, description="file touched on every poll (liveness probes)")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics on this port")
+    metrics_host: str = Field(default="127.0.0.1", description="address of the /metrics port")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
