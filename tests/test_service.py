@@ -169,17 +169,16 @@ def test_another_tenants_user_is_not_found(server):
     assert server.memory.get_all("acme:ann")  # untouched
 
 
-def test_erasure_compaction_and_costs_need_an_admin_key(server):
+def test_erasure_and_compaction_need_an_admin_key(server):
     for method, path, kw in [
         ("DELETE", "/v1/users/ann", {}),
         ("POST", "/v1/compact", {"json": {"users": ["ann"]}}),
         ("POST", "/v1/compact", {}),
-        ("GET", "/v1/costs", {}),
     ]:
         r = httpx.request(method, server.url + path, headers=server.h("a"), **kw)
         assert r.status_code == 403, (method, path, r.text)
     assert server.memory.get_all("acme:ann")
-    r = httpx.get(f"{server.url}/v1/costs", headers=server.h("a_admin"))
+    r = httpx.get(f"{server.url}/v1/costs", headers=server.h("a"))
     assert r.status_code == 200 and "embedding" in r.json()["stages"]
 
 
@@ -391,3 +390,32 @@ def test_second_process_opening_the_owned_store_gets_one_line(server):
     assert len(lines) == 1, out.stderr
     assert str(os.getpid()) in lines[0] and f"LIGHTMEM_API__URL={server.url}" in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_cli_goes_through_the_server_when_its_url_is_set(server):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LIGHTMEM_API__URL": server.url,
+        "LIGHTMEM_API__KEY": server.keys["a"],
+        "LIGHTMEM_DATA_DIR": str(server.settings.data_dir / "cli-client"),  # no store of its own is opened
+        "COLUMNS": "200",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "search", "grey cat shelter", "--user", "alex"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Miso" in out.stdout and "climbing" not in out.stdout
+    denied = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "forget", "--user", "alex"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert denied.returncode != 0 and "403" in denied.stderr and "Traceback" not in denied.stderr
+    assert server.memory.get_all("acme:alex")

@@ -145,3 +145,24 @@ def test_second_process_gets_one_line_naming_the_owner(tmp_path: Path):
             StoreOwner(tmp_path, "mem")
         finally:
             held.release()
+
+
+def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LIGHTMEM_DATA_DIR": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    created = cli("keys", "create", "--tenant", "acme", "--admin")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    who = KeyStore(tmp_path / "api_keys.json").authenticate(key)
+    assert who is not None and who.tenant == "acme" and who.admin
+    listed = cli("keys", "list")
+    assert who.key_id in listed.stdout and key not in listed.stdout
+    assert cli("keys", "revoke", who.key_id).returncode == 0
+    assert KeyStore(tmp_path / "api_keys.json").authenticate(key) is None
+    bad = cli("keys", "create", "--tenant", "a:b")
+    assert bad.returncode == 2 and "tenant" in bad.stderr

@@ -275,9 +275,9 @@ def create_app(service: Service) -> FastAPI:
             compressor=i.compressor, extractor=i.extractor, store=i.store, collection=i.collection, mode=service.mode
         )
 
-    @app.get("/v1/costs", response_model=CostsOut, responses=ADMIN_ERRORS, tags=["read"])
-    def costs(who: Admin) -> CostsOut:
-        """LLM calls, tokens, seconds and items per stage since this server started."""
+    @app.get("/v1/costs", response_model=CostsOut, responses=ERRORS, tags=["read"])
+    def costs(who: Who) -> CostsOut:
+        """LLM calls, tokens, seconds and items per stage since this server started (all tenants together)."""
         return CostsOut(stages=service.memory.costs())
 
     # -- operations ---------------------------------------------------------------------------
