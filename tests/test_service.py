@@ -411,7 +411,7 @@ def test_cli_goes_through_the_server_when_its_url_is_set(server):
     assert out.returncode == 0, out.stderr
     assert "Miso" in out.stdout and "climbing" not in out.stdout
     denied = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "forget", "--user", "alex"],
+        [sys.executable, "-m", "streams.cli", "forget", "--user", "alex", "--yes"],
         capture_output=True,
         text=True,
         env=env,
