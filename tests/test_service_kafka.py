@@ -65,7 +65,13 @@ def test_serve_kafka_reads_live_and_ends_equal_to_embedded(
         api = env.spawn("api", "serve", "--kafka", "--host", "127.0.0.1", "--port", str(port))
         env.worker("worker-1")
         env.worker("worker-2")
-        env.wait_for("the API to be ready", lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 180)
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:  # not listening yet
+                return False
+
+        env.wait_for("the API to be ready", ready, 180)
         env.wait_group_members(2)
 
         body = [

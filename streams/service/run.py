@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import threading
 import time
@@ -62,6 +63,10 @@ def announce(memory: Memory, url: str) -> None:
         owner.set_api_url(url)
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(
     settings: Settings, *, host: str, port: int, no_auth: bool = False, kafka: bool = False, log_level: str = "info"
 ) -> None:
@@ -74,6 +79,9 @@ def serve(
         announce(memory, url)
         service = build_service(settings, memory, no_auth=no_auth, kafka=kafka)
         config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=False)
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; end with SystemExit(0) instead
+        # of dying from it, so the store below is flushed and its lock released
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.Server(config).run()
     finally:
         memory.close()
