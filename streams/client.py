@@ -10,7 +10,8 @@ Agent code switches between embedded and service in one line::
 request, and how to read its response); the two clients differ only in how they send it.
 
 Errors: 401 :class:`AuthError`, 403 :class:`ForbiddenError`, 404 :class:`NotFoundError` (a ``LookupError``; ``get``
-returns None instead), 409 ``RevertError``, 422 :class:`InvalidRequestError` (a ``ValueError``), 429
+returns None instead), 409 ``RevertError`` (from ``revert``; :class:`ConflictError` otherwise, e.g. ``flush`` on a
+streaming server, whose workers flush idle users), 422 :class:`InvalidRequestError` (a ``ValueError``), 429
 :class:`RateLimitedError` with ``retry_after_s``.
 """
 
@@ -71,6 +72,10 @@ class NotFoundError(ServiceError, LookupError):
     """404: no such user, memory or change in this key's tenant."""
 
 
+class ConflictError(ServiceError):
+    """409: not possible in the server's state (a flush in streaming mode)."""
+
+
 class InvalidRequestError(ServiceError, ValueError):
     """422: the request was refused; ``detail`` says why (per turn for ``add``)."""
 
@@ -106,7 +111,9 @@ def _raise_for(response: httpx.Response) -> None:
     if status == 404:
         raise NotFoundError(status, detail)
     if status == 409:
-        raise RevertError(detail)
+        if "/revert" in str(response.request.url.path):
+            raise RevertError(detail)
+        raise ConflictError(status, detail)
     if status == 422:
         raise InvalidRequestError(status, detail)
     if status == 429:

@@ -90,6 +90,9 @@ def test_serve_kafka_reads_live_and_ends_equal_to_embedded(
             statuses.append(s.status_code)
             time.sleep(0.3)
 
+        flush = httpx.post(f"{url}/v1/users/{user}/flush", headers=headers, timeout=30)
+        assert flush.status_code == 409 and "idle" in flush.json()["detail"]  # the workers own the buffers
+
         def covered() -> bool:
             s = httpx.get(f"{url}/v1/search", params={"q": "adoption", "user_id": user}, headers=headers, timeout=60)
             statuses.append(s.status_code)

@@ -152,10 +152,18 @@ def create_app(service: Service) -> FastAPI:
         response.status_code = 200
         return TurnsAccepted(accepted=len(turns), turn_ids=ids, report=convert.ingest_out(who, report))
 
-    @app.post("/v1/users/{user_id}/flush", response_model=IngestOut, responses=ERRORS, tags=["ingest"])
+    @app.post(
+        "/v1/users/{user_id}/flush",
+        response_model=IngestOut,
+        responses={**ERRORS, 409: {"model": Problem, "description": "streaming mode: the workers flush idle users"}},
+        tags=["ingest"],
+    )
     async def flush_user(who: Who, user_id: UserPath) -> IngestOut:
         """Extract what is buffered for the user into long-term memory now (after the turns posted before)."""
         internal = known(who, user_id)
+        if service.streaming is not None:
+            idle = service.settings.stm.idle_timeout_s
+            raise _problem(409, f"streaming mode: the workers hold the buffers and flush a user idle for {idle:g} s")
         return convert.ingest_out(who, await service.flush(internal))
 
     # -- reads --------------------------------------------------------------------------------

@@ -191,9 +191,7 @@ class Service:
         return None
 
     async def flush(self, user_id: str) -> IngestReport:
-        if self.streaming is not None:
-            # the workers hold the buffers; they flush a user idle for stm.idle_timeout_s
-            return IngestReport()
+        """Embedded mode only: in streaming mode the workers hold the buffers (and flush idle users)."""
         return await self.write(lambda: self.memory.flush(user_id))
 
     async def erase(self, user_id: str) -> ErasureOut:
