@@ -208,15 +208,23 @@ def main() -> None:
     ap.add_argument("--max-s", type=float, default=60.0, help="time cap per concurrency level")
     ap.add_argument("--turns", type=int, default=300, help="LoCoMo turns for the ingest comparison (0 = skip)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "locomo10_dev.json"))
+    ap.add_argument("--store", type=Path, help="keep the search store here and reuse it when it exists")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
     root = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
-        search_settings = settings_for(root / "search")
+        store_dir = args.store or root / "search"
+        search_settings = settings_for(store_dir)
         key, _ = KeyStore(search_settings.data_dir / "api_keys.json").create(TENANT)
-        t = time.perf_counter()
-        build_store(search_settings, args.n, args.users)
-        print(f"built a {args.n}-memory store over {args.users} users in {time.perf_counter() - t:.0f} s")
+        if (store_dir / "built").exists():
+            print(f"reusing the store in {store_dir}")
+        else:
+            t = time.perf_counter()
+            build_store(search_settings, args.n, args.users)
+            (store_dir / "built").write_text(str(args.n))
+            print(f"built a {args.n}-memory store over {args.users} users in {time.perf_counter() - t:.0f} s")
         qs = queries(args.requests, args.users)
         base = in_process(search_settings, qs)
         server = ServerProcess(search_settings)
@@ -251,7 +259,8 @@ def main() -> None:
                 f"\ningest, {len(turns)} LoCoMo turns, extractive mode: embedded {emb:.1f} turns/s, API {api:.1f} "
                 f"turns/s, ratio {api / emb:.2f} (target ≥ 0.8)"
             )
-        print(f"\n{os.cpu_count()} CPUs; server and load generator on this machine (loopback)")
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"\n{os.cpu_count()} CPUs, load average at the end {load}; server and load generator share them")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

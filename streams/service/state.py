@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
 from schemas import ControlRecord, RawTurn
 from streams import ids
 from streams.api import IngestReport, Memory
@@ -159,24 +162,32 @@ class Service:
                 need[(u, t.session_id)] = need.get((u, t.session_id), 0) + 1
         nxt = {key: self.memory.next_seq(key[0], key[1], n) for key, n in need.items()}
         out: list[RawTurn] = []
-        for u, t in zip(internal, turns, strict=True):
+        problems: list[dict[str, Any]] = []
+        for i, (u, t) in enumerate(zip(internal, turns, strict=True)):
             seq = t.seq
             if seq is None:
                 seq = nxt[(u, t.session_id)]
                 nxt[(u, t.session_id)] += 1
-            out.append(
-                RawTurn(
-                    turn_id=ids.turn_id(u, t.session_id, seq),
-                    user_id=u,
-                    session_id=t.session_id,
-                    seq=seq,
-                    role=t.role,
-                    speaker=t.speaker,
-                    content=t.content,
-                    timestamp=t.timestamp,
-                    source_id=t.source_id,
+            try:
+                out.append(
+                    RawTurn(
+                        turn_id=ids.turn_id(u, t.session_id, seq),
+                        user_id=u,
+                        session_id=t.session_id,
+                        seq=seq,
+                        role=t.role,
+                        speaker=t.speaker,
+                        content=t.content,
+                        timestamp=t.timestamp,
+                        source_id=t.source_id,
+                    )
                 )
-            )
+            except ValidationError as exc:  # the record's own limits (schemas), reported like the request's
+                for e in exc.errors():
+                    loc = ["body", "turns", i, *e["loc"]]
+                    problems.append({"loc": loc, "msg": e["msg"], "type": e["type"]})
+        if problems:
+            raise RequestValidationError(problems)
         return out
 
     async def ingest(self, turns: Sequence[RawTurn], *, wait: bool = False) -> IngestReport | None:
