@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from schemas import MemoryRecord
 from streams.api import ErasureReport, IngestReport
+from streams.client import ConflictError
 from streams.ltm import ScoredMemory
 
 T = TypeVar("T")
@@ -97,7 +98,10 @@ def build_server(memory: MemoryLike) -> MCPServer:
         def run() -> IngestReport:
             report = memory.add([{"role": role, "content": content}], user_id=user_id, session_id=session_id)
             if flush:
-                report.merge(memory.flush(user_id))
+                try:
+                    report.merge(memory.flush(user_id))
+                except ConflictError:  # a streaming server: its workers flush the user once idle
+                    pass
             return report
 
         report = await call(run)
