@@ -166,3 +166,28 @@ def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path):
     assert KeyStore(tmp_path / "api_keys.json").authenticate(key) is None
     bad = cli("keys", "create", "--tenant", "a:b")
     assert bad.returncode == 2 and "tenant" in bad.stderr
+
+
+@pytest.mark.slow
+def test_concurrent_queries_share_one_encoder_pass(encoder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from prometheus_client import REGISTRY
+
+    from streams.service.batcher import BatchingEncoder
+
+    queries = [f"what did Alex do in city number {i}?" for i in range(16)]
+    alone = [encoder.embed_one(q) for q in queries]
+    batched = BatchingEncoder(encoder, window_s=0.02)
+    passes0 = REGISTRY.get_sample_value("lightmem_search_encode_batch_count") or 0.0
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(batched.embed_one, queries))
+    finally:
+        batched.close()
+    passes = (REGISTRY.get_sample_value("lightmem_search_encode_batch_count") or 0.0) - passes0
+    assert passes < len(queries)  # fewer encoder passes than queries
+    for a, b in zip(alone, together, strict=True):
+        assert float(np.dot(a, b)) > 0.9999  # the same vector (padding in a batch moves only the last digits)
+    assert batched.dim == encoder.dim  # everything else is the wrapped encoder's
