@@ -31,6 +31,7 @@ from streams.dlq import dead_letter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STOP = object()
+COALESCE_TURNS = 256  # queued turns taken into one pass through the pipeline, at most
 
 
 @dataclass
@@ -137,6 +138,9 @@ class Writer:
                     if nxt is None or nxt is _STOP or nxt.call is not None:
                         break
                     turns.extend(nxt.turns)
+                    if len(turns) >= COALESCE_TURNS:
+                        nxt = None
+                        break
                 self._ingest_or_dead_letter(turns)
                 if nxt is _STOP:
                     return
