@@ -150,7 +150,8 @@ async def over_http(url: str, key: str, qs: list[tuple[str, str]], clients: int,
     it = iter(qs)
     deadline = time.monotonic() + max_s
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits) as http:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as http:
         for u, q in qs[:10]:
             (await http.get("/v1/search", params={"q": q, "user_id": u, "limit": 10})).raise_for_status()
 
@@ -227,6 +228,7 @@ def main() -> None:
             print(f"built a {args.n}-memory store over {args.users} users in {time.perf_counter() - t:.0f} s")
         qs = queries(args.requests, args.users)
         base = in_process(search_settings, qs)
+        print(f"in-process Memory.search: p50 {base['p50']:.1f} ms, p95 {base['p95']:.1f} ms, {base['rps']:.1f}/s")
         server = ServerProcess(search_settings)
         try:
             rows = {
