@@ -65,6 +65,7 @@ def test_serve_kafka_reads_live_and_ends_equal_to_embedded(
         api = env.spawn("api", "serve", "--kafka", "--host", "127.0.0.1", "--port", str(port))
         env.worker("worker-1")
         env.worker("worker-2")
+
         def ready() -> bool:
             try:
                 return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
