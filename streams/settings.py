@@ -152,6 +152,11 @@ class ApiSettings(BaseModel):
     search_batch_window_ms: float = Field(
         default=2.0, ge=0, description="concurrent searches arriving within this window share one encoder pass"
     )
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="intra-op threads of the server's models (0 = torch's default); concurrent requests use the cores",
+    )
 
 
 class WorkerSettings(BaseModel):
