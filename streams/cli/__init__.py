@@ -18,7 +18,8 @@ from typing import Any
 
 import typer
 
-from streams.cli import embedded, eval, memory, service, stream
+from streams.cli import embedded, memory, service, stream
+from streams.cli import eval as evaluation
 from streams.cli.common import print_error
 from streams.ltm.owner import StoreBusyError
 
@@ -40,7 +41,7 @@ app = _App(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for group in (embedded, memory, stream, eval, service):
+for group in (embedded, memory, stream, evaluation, service):
     app.add_typer(group.app)  # a group added without a name: its commands join the top level
 
 __all__ = ["app", "main"]
