@@ -47,10 +47,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def settings_for(root: Path) -> Settings:
-    return Settings(
-        data_dir=root, store=StoreSettings(path=root / "qdrant"), api=ApiSettings(rate_limit="1000000/second")
-    )
+def settings_for(root: Path, torch_threads: int) -> Settings:
+    api = ApiSettings(rate_limit="1000000/second", torch_threads=torch_threads)
+    return Settings(data_dir=root, store=StoreSettings(path=root / "qdrant"), api=api)
 
 
 def env_for(settings: Settings, port: int) -> dict[str, str]:
@@ -63,6 +62,7 @@ def env_for(settings: Settings, port: int) -> dict[str, str]:
         LIGHTMEM_STORE__PATH=str(settings.store.path),
         LIGHTMEM_API__RATE_LIMIT=settings.api.rate_limit,
         LIGHTMEM_API__PORT=str(port),
+        LIGHTMEM_API__TORCH_THREADS=str(settings.api.torch_threads),
     )
     return env
 
@@ -210,14 +210,24 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=300, help="LoCoMo turns for the ingest comparison (0 = skip)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "locomo10_dev.json"))
     ap.add_argument("--store", type=Path, help="keep the search store here and reuse it when it exists")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads, in-process and in the server alike (0 = default)",
+    )
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)  # the in-process runs use what the server uses
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
 
     root = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
         store_dir = args.store or root / "search"
-        search_settings = settings_for(store_dir)
+        search_settings = settings_for(store_dir, args.torch_threads)
         key, _ = KeyStore(search_settings.data_dir / "api_keys.json").create(TENANT)
         if (store_dir / "built").exists():
             print(f"reusing the store in {store_dir}")
@@ -253,8 +263,8 @@ def main() -> None:
         if args.turns:
             convs = load_locomo(args.data)
             turns = convs[0].turns[: args.turns]
-            emb = ingest_embedded(settings_for(root / "ingest-embedded"), turns)
-            api_settings = settings_for(root / "ingest-api")
+            emb = ingest_embedded(settings_for(root / "ingest-embedded", args.torch_threads), turns)
+            api_settings = settings_for(root / "ingest-api", args.torch_threads)
             ikey, _ = KeyStore(api_settings.data_dir / "api_keys.json").create(TENANT)
             api = ingest_api(api_settings, ikey, turns)
             print(
