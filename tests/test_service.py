@@ -31,7 +31,8 @@ def _settings(tmp: Path, **api: object) -> Settings:
         data_dir=tmp,
         store=StoreSettings(path=tmp / "qdrant"),
         stm=STMSettings(idle_timeout_s=3600),
-        api=ApiSettings(rate_limit="1000/second", **api),  # type: ignore[arg-type]
+        # torch_threads=0: leave torch's process-wide thread count to the rest of the test session
+        api=ApiSettings(rate_limit="1000/second", torch_threads=0, **api),  # type: ignore[arg-type]
     )
 
 
@@ -277,7 +278,7 @@ async def test_async_client_adds_and_finds(server):
 
 def test_rate_limit_answers_429_with_retry_after(server, tmp_path):
     limited = Service(
-        server.settings.model_copy(update={"api": ApiSettings(rate_limit="3/minute")}),
+        server.settings.model_copy(update={"api": ApiSettings(rate_limit="3/minute", torch_threads=0)}),
         server.memory,
         keys=KeyStore(server.settings.data_dir / "api_keys.json"),
     )

@@ -33,7 +33,7 @@ def fuzzed(tmp_path_factory) -> Iterator[tuple[str, str]]:
         data_dir=tmp,
         store=StoreSettings(path=tmp / "qdrant"),
         stm=STMSettings(idle_timeout_s=3600),
-        api=ApiSettings(rate_limit="100000/second", max_batch_turns=20, max_turn_chars=4000),
+        api=ApiSettings(rate_limit="100000/second", max_batch_turns=20, max_turn_chars=4000, torch_threads=0),
     )
     key, _ = KeyStore(tmp / "api_keys.json").create("fuzz", admin=True)
     memory, encoder = open_memory(s)
