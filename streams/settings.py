@@ -98,7 +98,9 @@ class SleepSettings(BaseModel):
     duplicate_threshold: float = Field(
         default=0.95, ge=-1, le=1, description="offline rule: at or above this cosine the older memory is a duplicate"
     )
-    max_candidates_per_call: int = Field(default=10, ge=1, description="older memories shown in one LLM call")
+    max_prompt_tokens: int = Field(
+        default=8000, ge=256, description="prompt budget of one batched LLM decision call (tokens, cl100k)"
+    )
     kinds: list[Literal["fact", "summary"]] = Field(
         default=["fact"], description="memory kinds compacted (each compared only with its own kind)"
     )
