@@ -282,7 +282,7 @@ class LLMClient:
             reraise=True,
         )
         try:
-            value = await retrying(self._attempt, messages, parse, label, tally, json_mode, max_tokens)
+            value: T = await retrying(self._attempt, messages, parse, label, tally, json_mode, max_tokens)
         except (InvalidOutput, openai.OpenAIError) as exc:
             error_type, reason = describe_error(exc)
             log.warning("%s: failed after %d attempt(s) (%s: %s)", label, tally.calls, error_type, reason[:300])
@@ -310,7 +310,7 @@ class LLMClient:
                 messages=cast("list[ChatCompletionMessageParam]", list(messages)),
                 temperature=self.settings.temperature,
                 max_tokens=max_tokens,
-                response_format=_JSON_OBJECT if json_mode else openai.NOT_GIVEN,
+                response_format=_JSON_OBJECT if json_mode else openai.omit,
             )
         content = response.choices[0].message.content if response.choices else None
         if response.usage is not None:

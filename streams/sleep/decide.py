@@ -267,12 +267,12 @@ def parse_batch(content: str | None, prompt: BatchPrompt) -> dict[int, list[Deci
         decisions = []
         for old in prompt.compare[alias]:
             rec = prompt.aliases[old]
-            pair = named[alias].get(old)
-            if pair is None:
+            chosen = named[alias].get(old)
+            if chosen is None:
                 decisions.append(Decision(rec.memory_id, "ignore", reason="left as it is by the LLM"))
             else:
-                text = pair.text if pair.action == "update" else None
-                decisions.append(Decision(rec.memory_id, pair.action, text, pair.reason))
+                text = chosen.text if chosen.action == "update" else None
+                decisions.append(Decision(rec.memory_id, chosen.action, text, chosen.reason))
         out[alias] = decisions
     return out
 
