@@ -89,12 +89,16 @@ def run_one(conv: Conversation, threshold: int, base: Settings, stages: Stages, 
             memories_before = len(mem.get_all(conv.user_id))
             recall_before = recall(mem, conv, args.k)
             t1 = time.perf_counter()
-            report = compact_memory(mem, [conv.user_id])
+            run = None
+            sleep = {"calls": 0, "input_tokens": 0, "output_tokens": 0}
+            memories_after, recall_after = memories_before, recall_before
+            if args.compact:
+                report = compact_memory(mem, [conv.user_id])
+                sleep = {n: int(getattr(report.cost, n)) for n in ("calls", "input_tokens", "output_tokens")}
+                memories_after = len(mem.get_all(conv.user_id))
+                recall_after = recall(mem, conv, args.k)
+                run = report.users[0] if report.users else None
             compact_s = time.perf_counter() - t1
-            sleep = {n: int(getattr(report.cost, n)) for n in ("calls", "input_tokens", "output_tokens")}
-            memories_after = len(mem.get_all(conv.user_id))
-            recall_after = recall(mem, conv, args.k)
-            run = report.users[0] if report.users else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     total = {n: extraction[n] + sleep[n] for n in extraction}
@@ -103,6 +107,7 @@ def run_one(conv: Conversation, threshold: int, base: Settings, stages: Stages, 
         "turns": len(conv.turns),
         "questions": len(conv.qa),
         "threshold": threshold,
+        "compacted": args.compact,
         "extraction": extraction,
         "sleep": sleep,
         "total": total,
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "--base-url", default=None, help="an OpenAI-compatible endpoint; default: the in-process test server"
     )
     parser.add_argument("--model", default="test-model")
+    parser.add_argument(
+        "--no-compact", dest="compact", action="store_false", help="extraction only (the threshold grid)"
+    )
     parser.add_argument("--chunk-turns", type=int, default=64, help="turns per add_turns call")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
