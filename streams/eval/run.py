@@ -56,7 +56,7 @@ from streams.eval.baselines import (
 from streams.eval.judge import Judge, JudgeCost, summarise
 from streams.eval.metrics import ABSTENTION, ADVERSARIAL, ALL, OVERALL, QuestionEval, aggregate, question_eval
 from streams.loaders import Conversation, load_locomo, load_longmemeval
-from streams.pipeline import Stages
+from streams.stages import Stages
 from streams.settings import Settings
 from streams.tokens import count_tokens
 

@@ -60,7 +60,7 @@ from schemas.records import (
 from streams import segment as sensory
 from streams import stm
 from streams.cost import CostLedger
-from streams.pipeline import Stages
+from streams.stages import Stages
 from streams.settings import Settings
 
 from .topics import (
