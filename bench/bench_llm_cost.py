@@ -35,9 +35,8 @@ from schemas.records import StageCost  # noqa: E402
 from streams.api import Memory  # noqa: E402
 from streams.eval.metrics import aggregate, question_eval  # noqa: E402
 from streams.loaders import Conversation, load_locomo  # noqa: E402
-from streams.pipeline import Stages  # noqa: E402
 from streams.settings import LLMSettings, Settings, StoreSettings  # noqa: E402
-from streams.sleep import compact_memory  # noqa: E402
+from streams.stages import Stages  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def run_one(conv: Conversation, threshold: int, base: Settings, stages: Stages, 
             sleep = {"calls": 0, "input_tokens": 0, "output_tokens": 0}
             memories_after, recall_after = memories_before, recall_before
             if args.compact:
-                report = compact_memory(mem, [conv.user_id])
+                report = mem.compact([conv.user_id])
                 sleep = {n: int(getattr(report.cost, n)) for n in ("calls", "input_tokens", "output_tokens")}
                 memories_after = len(mem.get_all(conv.user_id))
                 recall_after = recall(mem, conv, args.k)
