@@ -47,7 +47,7 @@ class SegmentationSettings(BaseModel):
 
 
 class STMSettings(BaseModel):
-    threshold_tokens: int = Field(default=512, ge=1, description="flush when buffered segments reach this many tokens")
+    threshold_tokens: int = Field(default=2048, ge=1, description="flush when buffered segments reach this many tokens")
     idle_timeout_s: float = Field(
         default=300.0, gt=0, description="flush a user's buffer after this long without input"
     )
@@ -64,7 +64,7 @@ class LLMSettings(BaseModel):
     backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles each retry")
     max_concurrency: int = Field(default=4, ge=1, description="LLM calls in flight per process")
     temperature: float = 0.0
-    max_output_tokens: int = 2048
+    max_output_tokens: int = 4096
 
 
 class EmbeddingSettings(BaseModel):
