@@ -22,7 +22,7 @@ from schemas.records import MemoryChange, MemoryRecord
 from streams import ids
 from streams.settings import Settings, SleepSettings, StoreSettings
 from streams.sleep import ChangeLog, Compactor, RevertError, Watermarks, apply_changes, build_revert
-from streams.sleep.compact import build_changes, select_targets
+from streams.sleep.compact import build_changes, overlay_changes, reconcile, select_targets
 from streams.sleep.decide import (
     Candidate,
     Decider,
@@ -311,6 +311,38 @@ def test_delete_keeps_provenance_and_record() -> None:
     again = build_changes(target, cands, decisions, "llm:test", "pv", now + timedelta(hours=1))
     assert [c.change_id for c in again] == [c.change_id for c in changes]
     assert len({c.change_id for c in changes}) == 3
+
+
+def test_decisions_made_together_are_reconciled_in_target_order() -> None:
+    """Two targets decided in one batch both act on the same older memories: the first decision stands, the
+    later one is recorded as an ignore; a memory that only gained provenance is taken in its current state."""
+    x, y = mem("u", "Ann lives in Paris.", 0, 0), mem("u", "Ann has a dog.", 1, 1)
+    a, b = mem("u", "Ann moved to Berlin.", 2, 2), mem("u", "Ann lives in Berlin with a dog.", 3, 3)
+    now = T0 + timedelta(days=9)
+    overlay: dict[str, MemoryRecord | None] = {}
+    first = [Decision(x.memory_id, "delete", reason="moved"), Decision(y.memory_id, "update", "Ann has a dog, Rex.")]
+    cands_a = [Candidate(x, 0.9), Candidate(y, 0.85)]
+    c_a, d_a = reconcile(cands_a, first, overlay)
+    changes_a = build_changes(a, c_a, d_a, "m", "pv", now)
+    overlay_changes(overlay, changes_a)
+    later = [
+        Decision(x.memory_id, "delete", reason="dup"),
+        Decision(y.memory_id, "update", "Ann has a dog and lives in Berlin."),
+        Decision(a.memory_id, "delete", reason="superseded"),
+    ]
+    c_b, d_b = reconcile([Candidate(x, 0.9), Candidate(y, 0.8), Candidate(a, 0.9)], later, overlay)
+    assert [(d.memory_id, d.action) for d in d_b] == [
+        (x.memory_id, "ignore"),  # already deleted by the first target
+        (y.memory_id, "ignore"),  # already rewritten
+        (a.memory_id, "delete"),  # only gained provenance (absorbed x): deleted in its current state
+    ]
+    assert "already deleted" in d_b[0].reason and "already rewritten" in d_b[1].reason
+    assert c_b[2].record.version == 2 and set(c_b[2].record.source_turn_ids) == {*a.source_turn_ids, *x.source_turn_ids}
+    changes_b = build_changes(b, c_b, d_b, "m", "pv", now)
+    (absorb,) = [c for c in changes_b if c.memory_id == b.memory_id]
+    assert absorb.new_record is not None  # b keeps the evidence of a and, through a, of x
+    assert set(absorb.new_record.source_turn_ids) == {*a.source_turn_ids, *b.source_turn_ids, *x.source_turn_ids}
+    assert len({c.change_id for c in changes_a + changes_b}) == len(changes_a) + len(changes_b)
 
 
 def test_changelog_dedups_and_forgets(tmp_path: Path) -> None:
