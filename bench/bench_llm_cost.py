@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, required=True, help="a LoCoMo file (locomo10*.json)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--only", default=None, help="only these conversations (sample ids, comma-separated)")
     parser.add_argument(
         "--thresholds", default=None, help="STM thresholds (tokens), comma-separated; default: the setting"
     )
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     convs = load_locomo(args.data)[: args.limit]
+    if args.only:
+        convs = [c for c in convs if c.user_id in set(args.only.split(","))]
     server = None
     url = args.base_url
     if url is None:
