@@ -353,8 +353,8 @@ def test_cli_eval_on_a_locomo_slice(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_recall_before_and_after_the_sleep_time_update(tmp_path, encoder):
-    from streams.stages import Stages
     from streams.settings import SleepSettings
+    from streams.stages import Stages
 
     conv = tiny_conversation()
     # a loose offline duplicate rule, so the sleep-time update really merges and deletes memories here
