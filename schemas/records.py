@@ -110,7 +110,10 @@ class STMSummary(Record):
     turn_ids: list[NonEmpty] = Field(min_length=1)
     summary: NonEmpty
     facts: list[Fact]
-    extractor: NonEmpty = Field(description="'llm:<model>' or 'extractive' (offline mode)")
+    extractor: NonEmpty = Field(
+        description="'llm:<model>/<prompt version>' (e.g. 'llm:gpt-4o-mini/extract/v1'; older records: 'llm:<model>') "
+        "or 'extractive' (offline mode)"
+    )
     created_at: AwareDatetime
 
 
@@ -154,7 +157,10 @@ class MemoryChange(Record):
     new_record: MemoryRecord | None = Field(
         default=None, description="the memory after an update or revert (applied as is, re-embedded); None = absent"
     )
-    model: NonEmpty = Field(description="'llm:<model>' or 'offline-rule'")
+    model: NonEmpty = Field(
+        description="'llm:<model>/<prompt version>' (e.g. 'llm:gpt-4o-mini/compact/v1'; older records: "
+        "'llm:<model>'), 'offline-rule', 'exact-rule' (identical text, no call) or 'operator' (a revert)"
+    )
     pipeline_version: NonEmpty
     at: AwareDatetime
 

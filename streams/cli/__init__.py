@@ -4,6 +4,7 @@
 - ``memory``   — compact (the sleep-time update), memory history|revert, forget (erasure);
 - ``stream``   — the streaming deployment: kafka up|down|status, topics, produce, worker, sink, replay;
 - ``eval``     — the benchmark evaluation;
+- ``service``  — serve (the memory service), keys create|list|revoke, mcp;
 - ``dlq``      — dead letters: list, show, redrive (embedded log or, with --kafka, the topic);
 - ``common``   — what they share (settings, consoles, errors, progress, the cost table, opening ``Memory``).
 
@@ -13,18 +14,35 @@ through ``Settings``.
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
 
-from streams.cli import dlq, embedded, memory, stream
+from streams.cli import dlq, embedded, memory, service, stream
 from streams.cli import eval as evaluation
+from streams.cli.common import print_error
+from streams.ltm.owner import StoreBusyError
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """The root app; a store owned by another process ends any command with one line, not a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except StoreBusyError as e:
+            print_error(str(e))
+            sys.exit(2)
+
+
+app = _App(
     name="lightmem",
     help="LightMem Streams: sensory → short-term → long-term memory for LLM agents, embedded or over Kafka.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for group in (embedded, memory, stream, evaluation):
+for group in (embedded, memory, stream, evaluation, service):
     app.add_typer(group.app)  # a group added without a name: its commands join the top level
 app.add_typer(dlq.app)  # a named group: lightmem dlq list|show|redrive
 
