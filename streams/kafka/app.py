@@ -63,7 +63,7 @@ from schemas.records import (
     STMTableRow,
     TopicSegment,
 )
-from streams import idle, seqmarks, stm
+from streams import idle, metrics, seqmarks, stm
 from streams import segment as sensory
 from streams.cost import CostLedger
 from streams.settings import Settings
@@ -274,6 +274,8 @@ class Shell:
         for d in letters:
             log.error("dead letter (%s, %s): %s", d.stage, d.error_type, d.reason)
         self.stats.dead_letters += len(letters)
+        for d in letters:
+            metrics.observe_dead_letter(d)
         futures = []
         for d in letters:
             kw = keyed_send(d.key, d.dlq_id, self.partitions)
@@ -614,6 +616,9 @@ class Shell:
             p: (self._progress(self.sensory_table, p), self._hw(t.raw_turns, p), self._progress(self.stm_table, p))
             for p in parts
         }
+        for p, (done, end, _) in progress.items():
+            if done is not None and end is not None:
+                metrics.set_consumer_lag(self.app.conf.id, t.raw_turns, p, max(0, end - done - 1))
         consumer = self.app.consumer
         active = sorted(str(tp.partition) + tp.topic[-3:] for tp in getattr(consumer, "_active_partitions", None) or ())
         paused = sorted(str(tp.partition) + tp.topic[-3:] for tp in getattr(consumer, "_paused_partitions", None) or ())

@@ -43,6 +43,7 @@ import numpy as np
 from aiokafka.structs import ConsumerRecord
 
 from schemas.records import CompactionRequest, ControlRecord, DeadLetter, MemoryChange
+from streams import metrics
 from streams.cost import CostLedger
 from streams.encoder import load_encoder
 from streams.ltm import MemoryStore, open_store
@@ -260,6 +261,8 @@ class CompactionAgent(ConsumerService):
     async def _flush_dead(self) -> None:
         letters, self._dead.letters = self._dead.letters, []
         if letters:
+            for d in letters:
+                metrics.observe_dead_letter(d)
             n = self.kafka.partitions
             await self._send_keyed(
                 self.kafka.topics.dead_letters, [(keyed_send(d.key, d.dlq_id, n), dumps(d)) for d in letters]

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 from tenacity import RetryCallState, wait_exponential
 
+from streams import metrics
 from streams.settings import KafkaSettings
 
 from .topics import ensure_topics, make_producer
@@ -198,7 +199,16 @@ class ConsumerService:
             )
             return
         self.service_stats.batches += 1
+        self._observe_lag(batch)
         self._resume()
+
+    def _observe_lag(self, batch: Batch) -> None:
+        """Consumer lag per partition after a committed batch (the end offset minus what was written)."""
+        assert self._consumer is not None
+        for tp, recs in batch.items():
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                metrics.set_consumer_lag(self.group_id, tp.topic, tp.partition, max(0, end - recs[-1].offset - 1))
 
     def _resume(self) -> None:
         if self._held is None:

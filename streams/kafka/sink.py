@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas.records import ControlRecord, DeadLetter, MemoryChange, MemoryRecord, STMSummary
+from streams import metrics
 from streams.cost import CostLedger
 from streams.dlq import dead_letter
 from streams.ltm import MemoryStore
@@ -215,6 +216,8 @@ class LTMSink(ConsumerService):
         if changes:
             await loop.run_in_executor(self._pool, self.apply_changes, changes, self.store)
         if dead:
+            for d in dead:
+                metrics.observe_dead_letter(d)
             n = self.kafka.partitions
             futures = [
                 await self._producer.send(t.dead_letters, value=dumps(d), **keyed_send(d.key, d.dlq_id, n))
