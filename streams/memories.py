@@ -16,7 +16,12 @@ from streams import ids
 
 
 def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetime | None = None) -> list[MemoryRecord]:
-    """One record per fact (id from its source turns and position) plus one for the topic summary."""
+    """One record per fact (id from its source turns and position) plus one for the topic summary.
+
+    A memory is credited with the turns it states: a fact with its cited sources, the summary with the turns its
+    sentences cite (``summary.summary_sentences``). A summary written before sentences cited turns is credited
+    with every turn of its batch (the only provenance it has).
+    """
     now = now or datetime.now(UTC)
     turn_ts = sorted({ts for f in summary.facts for ts in f.source_timestamps})
     out: list[MemoryRecord] = []
@@ -29,6 +34,7 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
                 text=fact.text,
                 kind="fact",
                 source_turn_ids=list(fact.source_turn_ids),
+                index_text=fact.index_text,
                 event_timestamps=sorted(fact.source_timestamps),
                 topic_id=summary.topic_id,
                 summary_id=summary.summary_id,
@@ -37,6 +43,11 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
                 updated_at=now,
             )
         )
+    stated = list(dict.fromkeys(t for s in summary.summary_sentences for t in s.source_turn_ids))
+    if stated:
+        when = {t: ts for f in summary.facts for t, ts in zip(f.source_turn_ids, f.source_timestamps, strict=False)}
+        stamps = sorted(when[t] for t in stated if t in when)
+        turn_ts = stamps or turn_ts
     span = [turn_ts[0], turn_ts[-1]] if turn_ts else [summary.created_at]
     out.append(
         MemoryRecord(
@@ -45,7 +56,7 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
             session_ids=list(summary.session_ids),
             text=summary.summary,
             kind="summary",
-            source_turn_ids=list(summary.turn_ids),
+            source_turn_ids=stated or list(summary.turn_ids),
             event_timestamps=span,
             topic_id=summary.topic_id,
             summary_id=summary.summary_id,

@@ -12,7 +12,6 @@ would be handed: ``"[YYYY-MM-DD HH:MM] speaker: content"``. Indexing uses ``"spe
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from schemas.records import RawTurn
 from streams.eval.metrics import QuestionEval, question_eval
+from streams.text import tokenize
 from streams.tokens import count_tokens
 
 __all__ = [
@@ -62,19 +62,6 @@ def index_text(turn: RawTurn) -> str:
 def reader_text(turn: RawTurn) -> str:
     """What a reader is handed for a raw turn: its time, speaker and content."""
     return f"[{turn.timestamp:%Y-%m-%d %H:%M}] {index_text(turn)}"
-
-
-_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
-STOPWORDS = frozenset(
-    """a an and are as at be been but by did do does for from had has have he her hers him his how i if in into is
-    it its me my of on or our she so than that the their them then there these they this to was we were what when
-    where which who whom why will with would you your""".split()
-)
-
-
-def tokenize(text: str, stopwords: frozenset[str] = STOPWORDS) -> list[str]:
-    """Lower-cased runs of letters/digits, stop words removed. Deliberately simple (no stemming)."""
-    return [t for t in _TOKEN.findall(text.lower()) if t not in stopwords]
 
 
 def _group_by_user(turns: Iterable[RawTurn]) -> dict[str, list[RawTurn]]:

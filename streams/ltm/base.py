@@ -210,7 +210,7 @@ class BaseStore(ABC):
         self._write(
             [records[i].memory_id for i in rows],
             vecs[rows],
-            [sparse.document_vector(records[i].text) for i in rows],
+            [sparse.document_vector(records[i].index_text or records[i].text) for i in rows],
             [to_payload(records[i]) for i in rows],
         )
 
