@@ -14,14 +14,14 @@ from datetime import UTC, datetime
 from schemas import DeadLetter, MemoryRecord, RawTurn, SensoryBufferState, STMBufferState, TopicSegment
 from streams import segment as sensory
 from streams import stm
-from streams.compress import Compressor, compress_turns, load_compressor
 from streams.cost import CostLedger
 from streams.dlq import DeadLetterLog, DeadLetterSink
-from streams.encoder import Encoder, load_encoder
-from streams.extract import Extractor
 from streams.ltm import MemoryStore, open_store
-from streams.memories import EmbeddingCache, summary_to_memories, write_memories
+from streams.memories import summary_to_memories, write_memories
 from streams.settings import Settings
+from streams.stages import Stages
+
+__all__ = ["EmbeddedPipeline", "IngestReport"]
 
 
 @dataclass
@@ -38,28 +38,6 @@ class IngestReport:
         self.extractions += other.extractions
         self.memories.extend(other.memories)
         self.dead_letters.extend(other.dead_letters)
-
-
-class Stages:
-    """The loaded models and clients every runner needs, built once from Settings."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        encoder: Encoder | None = None,
-        compressor: Compressor | None = None,
-        extractor: Extractor | None = None,
-    ) -> None:
-        self.settings = settings
-        self.encoder = encoder or load_encoder(settings.embedding)
-        self.embed = EmbeddingCache(self.encoder.embed, self.encoder.dim)
-        self.compressor = compressor or load_compressor(settings.compression)
-        self.segmenter = sensory.Segmenter(settings.segmentation, self.encoder.token_attention, self.embed)
-        self.extractor = extractor or Extractor(settings.llm, settings.pipeline_version)
-
-    def compress(self, turns: Sequence[RawTurn]):  # noqa: ANN201 - list[CompressedTurn]
-        return compress_turns(turns, self.compressor, self.settings.compression, self.encoder.count_tokens_batch)
 
 
 class EmbeddedPipeline:
@@ -161,6 +139,13 @@ class EmbeddedPipeline:
         report.memories.extend(records)
         return report
 
+    def forget_user(self, user_id: str) -> None:
+        """Drop a user's buffered (not yet extracted) sensory and STM state."""
+        self.sensory.pop(user_id, None)
+        self.stm.pop(user_id, None)
+
     async def aclose(self) -> None:
-        await self.stages.extractor.aclose()
-        self.store.close()
+        try:
+            await self.stages.aclose()
+        finally:
+            self.store.close()

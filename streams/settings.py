@@ -7,11 +7,13 @@ sections, e.g. ``LIGHTMEM_LLM__BASE_URL=http://127.0.0.1:8000/v1`` or
 
 from __future__ import annotations
 
+import json
+from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PIPELINE_VERSION = "lightmem-streams/0.1"
@@ -133,6 +135,31 @@ class KafkaSettings(BaseModel):
     topics: KafkaTopics = KafkaTopics()
 
 
+class WorkerSettings(BaseModel):
+    """The stream worker (``lightmem worker``): Faust app options."""
+
+    web_port: int | None = Field(
+        default=None, ge=1, le=65535, description="serve Faust's web view on this port; unset = off"
+    )
+    tick_s: float | None = Field(
+        default=None, gt=0, description="idle-flush timer interval; unset = idle timeout/4, at most 1 s"
+    )
+    standby_replicas: int = Field(default=0, ge=0, description="standby table copies on other workers")
+    session_timeout_s: float = Field(default=10.0, gt=0, description="Kafka consumer group session timeout")
+
+
+class SinkSettings(BaseModel):
+    """The long-term-memory sink (``lightmem sink``)."""
+
+    batch_max: int = Field(default=256, ge=1, description="records per write batch")
+    batch_ms: int = Field(default=500, ge=1, description="longest wait for a batch, in milliseconds")
+    idle_exit_s: float | None = Field(default=None, gt=0, description="exit after this long without records")
+    heartbeat_file: Path | None = Field(default=None, description="file touched on every poll (liveness probes)")
+
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIGHTMEM_", env_nested_delimiter="__", extra="ignore")
 
@@ -145,7 +172,43 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     sleep: SleepSettings = SleepSettings()
     kafka: KafkaSettings = KafkaSettings()
+    worker: WorkerSettings = WorkerSettings()
+    sink: SinkSettings = SinkSettings()
+    log_level: LogLevel = Field(default="info", description="log level of the worker and sink processes")
+
+    @model_validator(mode="after")
+    def _store_in_data_dir(self) -> Settings:
+        """The embedded store lives in ``data_dir/qdrant`` unless ``store.path`` is set itself."""
+        if "path" not in self.store.model_fields_set:
+            self.store = self.store.model_copy(update={"path": self.data_dir / "qdrant"})
+        return self
 
     @property
     def pipeline_version(self) -> str:
         return PIPELINE_VERSION
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def to_env(settings: BaseModel, prefix: str = "LIGHTMEM_") -> dict[str, str]:
+    """The ``LIGHTMEM_*`` environment that rebuilds ``settings`` in another process (``Settings()`` there equals
+    ``settings`` here). Nested sections are joined with ``__``; unset optional fields (None) are left out."""
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        key = f"{prefix}{name.upper()}"
+        if isinstance(value, BaseModel):
+            env.update(to_env(value, f"{key}__"))
+        elif value is not None:
+            env[key] = _env_value(value)
+    return env

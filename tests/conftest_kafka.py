@@ -45,6 +45,7 @@ from streams.settings import (
     Settings,
     STMSettings,
     StoreSettings,
+    to_env,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,32 +211,9 @@ class KafkaEnv:
             stm=STMSettings(threshold_tokens=threshold_tokens, idle_timeout_s=idle_timeout_s),
             store=StoreSettings(path=data_dir / "qdrant"),
         )
+        # the subprocesses see exactly these settings (and no other LIGHTMEM_* variable of this process)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTMEM_")}
-        env.update(
-            {
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1",
-                "LIGHTMEM_DATA_DIR": str(data_dir),
-                "LIGHTMEM_STORE__PATH": str(data_dir / "qdrant"),
-                "LIGHTMEM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-                "LIGHTMEM_KAFKA__APP_ID": name,
-                "LIGHTMEM_KAFKA__PARTITIONS": str(partitions),
-                "LIGHTMEM_STM__THRESHOLD_TOKENS": str(threshold_tokens),
-                "LIGHTMEM_STM__IDLE_TIMEOUT_S": str(idle_timeout_s),
-                **{f"LIGHTMEM_KAFKA__TOPICS__{f.upper()}": getattr(topics, f) for f in KafkaTopics.model_fields},
-            }
-        )
-        if llm_url:
-            env.update(
-                {
-                    "LIGHTMEM_LLM__BASE_URL": llm_url,
-                    "LIGHTMEM_LLM__MODEL": "test-model",
-                    "LIGHTMEM_LLM__API_KEY": "test-key",
-                    "LIGHTMEM_LLM__TIMEOUT_S": "10",
-                    "LIGHTMEM_LLM__BACKOFF_S": "0.05",
-                }
-            )
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **to_env(settings)})
         return cls(name=name, settings=settings, env=env, data_dir=data_dir)
 
     # -- processes ---------------------------------------------------------------------------------

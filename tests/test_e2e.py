@@ -8,8 +8,8 @@ import pytest
 
 from streams.api import Memory
 from streams.ltm import MissingUserError
-from streams.pipeline import Stages
 from streams.settings import Settings, STMSettings, StoreSettings
+from streams.stages import Stages
 from tests.fixtures_llm import llm_settings
 
 pytestmark = pytest.mark.slow

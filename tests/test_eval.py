@@ -215,7 +215,7 @@ def test_judge_prompts_and_verdicts():
 
 @pytest.mark.slow
 def test_all_systems_offline_then_resume_without_rebuilding(tmp_path, encoder, monkeypatch):
-    from streams.pipeline import Stages
+    from streams.stages import Stages
 
     conv = tiny_conversation()
     settings = make_settings(tmp_path)
@@ -274,7 +274,7 @@ def test_all_systems_offline_then_resume_without_rebuilding(tmp_path, encoder, m
 
 @pytest.mark.slow
 def test_grid_through_the_llm_server_with_judge(tmp_path, encoder, llm):
-    from streams.pipeline import Stages
+    from streams.stages import Stages
 
     def judge_responder(messages):  # noqa: ANN001, ANN202
         text = messages[-1]["content"]
@@ -353,8 +353,8 @@ def test_cli_eval_on_a_locomo_slice(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_recall_before_and_after_the_sleep_time_update(tmp_path, encoder):
-    from streams.pipeline import Stages
     from streams.settings import SleepSettings
+    from streams.stages import Stages
 
     conv = tiny_conversation()
     # a loose offline duplicate rule, so the sleep-time update really merges and deletes memories here

@@ -520,7 +520,6 @@ def test_llm_failure_is_a_dead_letter_never_a_silent_ignore(tmp_path, world, enc
 def test_erasure_leaves_nothing(tmp_path, compaction_llm) -> None:  # noqa: ANN001
     from streams.api import Memory
     from streams.cli import app
-    from streams.sleep import compact_memory
 
     settings = settings_for(tmp_path, compaction_llm.server)
     compaction_llm.policy = lambda n, older: [{"id": a, "action": "delete", "reason": "dup"} for a, _, _ in older]
@@ -532,19 +531,17 @@ def test_erasure_leaves_nothing(tmp_path, compaction_llm) -> None:  # noqa: ANN0
             m.flush(user)
         # an unfinished STM buffer for gus, and a dead letter of his
         m.add("I also play the violin on weekends.", user_id="gus", session_id="s3")
-        report = compact_memory(m)
+        report = m.compact()
         assert m.costs()["compaction"].calls == report.cost.calls
         assert ChangeLog.in_dir(settings.data_dir).for_user("gus")
     compaction_llm.server.inject("500", "500", "500", "500")
     with Memory(settings) as m:
         m.add("I love violins.", user_id="gus", session_id="s4")
         m.flush("gus")
-        assert m.pipeline.dead_letters.read()  # type: ignore[attr-defined]
+        assert m.dead_letters()
         m.add("Something buffered.", user_id="gus", session_id="s5")
 
-        from streams.sleep import erase_user
-
-        r = erase_user(m, "gus")
+        r = m.erase("gus")
         assert r.memories > 0 and r.changes > 0 and r.watermark and r.dead_letters == 1
         assert m.pipeline.store.count("gus") == 0 and "gus" not in m.pipeline.sensory and "gus" not in m.pipeline.stm
         assert m.search("cat Miso", user_id="gus") == [] and m.get_all("gus") == []

@@ -56,8 +56,8 @@ from streams.eval.baselines import (
 from streams.eval.judge import Judge, JudgeCost, summarise
 from streams.eval.metrics import ABSTENTION, ADVERSARIAL, ALL, OVERALL, QuestionEval, aggregate, question_eval
 from streams.loaders import Conversation, load_locomo, load_longmemeval
-from streams.pipeline import Stages
 from streams.settings import Settings
+from streams.stages import Stages
 from streams.tokens import count_tokens
 
 __all__ = [

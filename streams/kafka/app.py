@@ -60,8 +60,8 @@ from schemas.records import (
 from streams import segment as sensory
 from streams import stm
 from streams.cost import CostLedger
-from streams.pipeline import Stages
 from streams.settings import Settings
+from streams.stages import Stages
 
 from .topics import (
     dumps,

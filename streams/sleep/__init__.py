@@ -4,31 +4,22 @@
 - ``decide``   — update / delete / ignore per candidate: one LLM call per new memory, or the offline rule;
 - ``prompts``  — the versioned compaction prompt and its response model;
 - ``apply``    — applying (re-embedding) and reverting changes; shared by the embedded runner and the Kafka sink;
-- ``changelog``— the embedded change log (audit trail, history, revert) and the watermarks;
-- ``erase``    — erasure of a user, embedded.
+- ``changelog``— the embedded change log (audit trail, history, revert) and the watermarks.
 
-Embedded use::
+The core takes a store and an embed function (``run_compaction(settings, store, embed, users)``), never the
+``Memory`` facade. Embedded use goes through the facade::
 
     from streams.api import Memory
-    from streams.sleep import compact_memory
     with Memory() as m:
-        report = compact_memory(m)              # every user; or compact_memory(m, ["alice"])
+        report = m.compact()                    # every user; or m.compact(["alice"])
 """
 
 from __future__ import annotations
-
-import asyncio
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from streams.sleep.apply import ApplyReport, RevertError, apply_changes, build_revert, change_hook
 from streams.sleep.changelog import ChangeLog, Watermarks
 from streams.sleep.compact import CompactionReport, Compactor, UserRun, run_compaction
 from streams.sleep.decide import OFFLINE_MODEL, Candidate, Decider, Decision
-from streams.sleep.erase import ErasureReport, erase_user
-
-if TYPE_CHECKING:
-    from streams.api import Memory
 
 __all__ = [
     "OFFLINE_MODEL",
@@ -39,22 +30,11 @@ __all__ = [
     "Compactor",
     "Decider",
     "Decision",
-    "ErasureReport",
     "RevertError",
     "UserRun",
     "Watermarks",
     "apply_changes",
     "build_revert",
     "change_hook",
-    "compact_memory",
-    "erase_user",
     "run_compaction",
 ]
-
-
-def compact_memory(memory: Memory, users: Sequence[str] | None = None, *, full: bool = False) -> CompactionReport:
-    """Run a compaction over an embedded ``Memory`` (its store and encoder); its cost lands in ``memory.costs()``."""
-    pipeline = memory.pipeline
-    report = asyncio.run(run_compaction(memory.settings, pipeline.store, pipeline.stages.embed, users, full=full))
-    pipeline.ledger.record(report.cost)
-    return report

@@ -255,6 +255,7 @@ class UserRun:
 @dataclass
 class CompactionReport:
     users: list[UserRun] = field(default_factory=list)
+    model: str = ""  # who decided: the LLM ("llm:<model>") or the offline rule
     cost: StageCost = field(default_factory=lambda: StageCost(stage="compaction"))
     search_seconds: float = 0.0
     scan_seconds: float = 0.0
@@ -419,7 +420,7 @@ class Compactor:
         crash tests raise from it.
         """
         started = time.perf_counter()
-        self.report = CompactionReport()
+        self.report = CompactionReport(model=self.model)
         todo = list(users) if users is not None else self.store.users()
         queue: asyncio.Queue[str] = asyncio.Queue()
         for user_id in todo:

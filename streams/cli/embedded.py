@@ -1,89 +1,40 @@
-"""The ``lightmem`` command line. Every option also reads its LIGHTMEM_* environment variable."""
+"""``lightmem`` embedded commands: demo, ingest, search (one process, memory on disk), and schemas."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(
-    name="lightmem",
-    help="LightMem Streams: sensory → short-term → long-term memory for LLM agents, embedded or over Kafka.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
+from schemas import RawTurn, generate
+from streams import ids
+from streams.cli.common import (
+    DATA_DIR_OPT,
+    DataFormat,
+    console,
+    cost_table,
+    err,
+    fail,
+    load_settings,
+    open_memory,
+    progress,
 )
-console = Console()
-err = Console(stderr=True)
 
-DATA_DIR_OPT = typer.Option(envvar="LIGHTMEM_DATA_DIR", help="local state directory (DLQ log, Qdrant storage)")
+if TYPE_CHECKING:
+    from streams.api import Memory, SearchMode
 
+app = typer.Typer()
 
-class DataFormat(StrEnum):
-    locomo = "locomo"
-    longmemeval = "longmemeval"
-    jsonl = "jsonl"
+DEMO_FILE = Path(__file__).resolve().parent.parent / "data" / "demo_conversation.json"
 
 
-def _settings(data_dir: Path | None = None, **overrides: object):  # noqa: ANN202
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from disk only
-    from streams.settings import Settings
-
-    s = Settings()
-    update: dict[str, object] = {}
-    if data_dir is not None:
-        update["data_dir"] = data_dir
-        if "LIGHTMEM_STORE__PATH" not in os.environ:
-            update["store"] = s.store.model_copy(update={"path": data_dir / "qdrant"})
-    update.update(overrides)
-    return s.model_copy(update=update) if update else s
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    )
-
-
-@contextmanager
-def memory(settings) -> Iterator:  # noqa: ANN001
-    from streams.api import Memory
-
-    m = Memory(settings)
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-def _cost_table(costs: dict, wall_s: float | None = None) -> Table:
-    t = Table(title="cost per stage")
-    for col in ("stage", "LLM calls", "input tokens", "output tokens", "seconds", "items"):
-        t.add_column(col, justify="right" if col != "stage" else "left")
-    for c in costs.values():
-        t.add_row(c.stage, str(c.calls), str(c.input_tokens), str(c.output_tokens), f"{c.seconds:.2f}", str(c.items))
-    if wall_s is not None:
-        t.caption = f"wall time {wall_s:.1f} s"
-    return t
-
-
-def _ingest_turns(m, turns: Sequence, label: str, chunk: int = 64) -> None:  # noqa: ANN001
+def ingest_turns(m: Memory, turns: Sequence[RawTurn], label: str, chunk: int = 64) -> None:
     with progress() as bar:
         task = bar.add_task(label, total=len(turns))
         for i in range(0, len(turns), chunk):
@@ -91,18 +42,14 @@ def _ingest_turns(m, turns: Sequence, label: str, chunk: int = 64) -> None:  # n
             bar.advance(task, len(turns[i : i + chunk]))
 
 
-# -- embedded commands --------------------------------------------------------------------------------
 @app.command()
 def demo(
     data_dir: Annotated[Path, DATA_DIR_OPT] = Path(".lightmem/demo"),
     limit: Annotated[int, typer.Option(help="memories shown per search")] = 3,
 ) -> None:
     """Ingest a short multi-session conversation, show memories with their source turns, search, and costs."""
-    from schemas import RawTurn
-    from streams import ids
-
     t0 = time.perf_counter()
-    spec = json.loads((Path(__file__).parent / "data" / "demo_conversation.json").read_text())
+    spec = json.loads(DEMO_FILE.read_text())
     user = spec["user_id"]
     turns: list[RawTurn] = []
     for sess in spec["sessions"]:
@@ -121,15 +68,16 @@ def demo(
                 )
             )
     by_id = {t.turn_id: t for t in turns}
-    settings = _settings(data_dir)
-    with memory(settings) as m:
-        m.delete_user(user)
+    settings = load_settings(data_dir)
+    with open_memory(settings) as m:
+        m.erase(user)
+        info = m.info()
         console.print(
             f"[bold]LightMem Streams demo[/] — user [cyan]{user}[/], {len(turns)} turns in {len(spec['sessions'])} "
-            f"sessions; compressor [cyan]{m.pipeline.stages.compressor.name}[/] at rate "
-            f"{settings.compression.rate}, extractor [cyan]{m.pipeline.stages.extractor.name}[/]"
+            f"sessions; compressor [cyan]{info.compressor}[/] at rate "
+            f"{settings.compression.rate}, extractor [cyan]{info.extractor}[/]"
         )
-        _ingest_turns(m, turns, "ingesting", chunk=9)
+        ingest_turns(m, turns, "ingesting", chunk=9)
         m.flush(user)
         records = m.get_all(user)
         t = Table(title=f"long-term memories of {user} ({len(records)})", show_lines=False)
@@ -154,7 +102,7 @@ def demo(
                     f"         [dim]from {first.session_id}#{first.seq} ({first.timestamp:%Y-%m-%d}): "
                     f"{first.content[:90]}[/]"
                 )
-        console.print(_cost_table(m.costs(), time.perf_counter() - t0))
+        console.print(cost_table(m.costs(), time.perf_counter() - t0))
 
 
 @app.command()
@@ -165,9 +113,9 @@ def ingest(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Ingest a LoCoMo / LongMemEval file or our JSON-lines turns into embedded memory."""
-    from streams import loaders
+    from streams import loaders  # the benchmark loaders: only this command needs them
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     t0 = time.perf_counter()
     if fmt is DataFormat.jsonl:
         try:
@@ -178,18 +126,18 @@ def ingest(
         convs = loaders.load_locomo(path) if fmt is DataFormat.locomo else loaders.load_longmemeval(path)
         groups = {c.user_id: c.turns for c in convs[:limit]}
     n = 0
-    with memory(settings) as m:
+    with open_memory(settings) as m:
         for user, turns in groups.items():
-            _ingest_turns(m, turns, f"ingesting {user or path.name}")
+            ingest_turns(m, turns, f"ingesting {user or path.name}")
             n += len(turns)
         m.flush()
         users = sorted({t.user_id for turns in groups.values() for t in turns})
         counts = {u: len(m.get_all(u)) for u in users}
         console.print(f"ingested {n} turns for {len(users)} users; memories: {counts}")
-        dl = len(m.pipeline.dead_letters.read()) if hasattr(m.pipeline.dead_letters, "read") else 0
+        dl = len(m.dead_letters())
         if dl:
             err.print(f"[yellow]{dl} dead letters in {settings.data_dir / 'dead_letters.jsonl'}[/]")
-        console.print(_cost_table(m.costs(), time.perf_counter() - t0))
+        console.print(cost_table(m.costs(), time.perf_counter() - t0))
 
 
 @app.command()
@@ -211,16 +159,9 @@ def search(
     for name, ts in (("since", since), ("until", until)):
         if ts is not None and ts.tzinfo is None:
             fail(f"--{name} needs a timezone offset, e.g. 2023-05-08T00:00:00+00:00")
-    settings = _settings(data_dir)
-    from streams.encoder import load_encoder
-    from streams.ltm import open_store
-
-    store = open_store(settings.store, load_encoder(settings.embedding).dim)
-    try:
-        vec = None if mode == "sparse" else load_encoder(settings.embedding).embed_one(query)
-        hits = store.search(user, query, vec, limit, mode=mode, time_from=since, time_to=until)  # type: ignore[arg-type]
-    finally:
-        store.close()
+    settings = load_settings(data_dir)
+    with open_memory(settings) as m:
+        hits = m.search(query, user, limit, mode=cast("SearchMode | None", mode), time_from=since, time_to=until)
     if as_json:
         for h in hits:
             print(json.dumps({"score": h.score, **h.record.model_dump(mode="json")}))
@@ -237,8 +178,6 @@ def search(
 @app.command()
 def schemas(write: Annotated[bool, typer.Option(help="rewrite the JSON Schema files")] = False) -> None:
     """Check (or rewrite) the JSON Schema files generated from the record models."""
-    from schemas import generate
-
     if write:
         console.print(f"wrote {len(generate.write())} schema files")
         return
@@ -246,15 +185,3 @@ def schemas(write: Annotated[bool, typer.Option(help="rewrite the JSON Schema fi
     if stale:
         fail("stale JSON schemas: " + ", ".join(stale) + " (run lightmem schemas --write)", 1)
     console.print("JSON schemas up to date")
-
-
-# command groups living in their own modules register on `app` when imported
-from streams import cli_eval, cli_kafka, cli_sleep  # noqa: E402,F401
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

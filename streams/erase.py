@@ -1,27 +1,26 @@
 """Erasure of one user, embedded: everything the service holds about them, everywhere it keeps it.
 
-``erase_user(memory, user_id)`` removes
+``erase_user(user_id, store=..., data_dir=...)`` removes
 
-- the user's points from the store, their buffered sensory/STM state and session counters (``Memory.delete_user``);
+- the user's points from the store;
 - their memory changes from the change log (which hold old texts and whole deleted records) and their
   compaction watermark;
-- dead letters keyed by the user (they hold original payloads: turns, segments, memories);
+- dead letters keyed by the user (they hold original payloads: turns, segments, memories).
 
+``streams.api.Memory.erase`` calls it after dropping the user's buffered sensory/STM state and session counters,
 so that afterwards no command finds anything of the user. Kafka mode erases through a ``ControlRecord`` on the
-control topic instead (see ``streams.sleep`` for the state of that wiring).
+control topic instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from streams.sleep.changelog import ChangeLog, Watermarks, _replace
-
-if TYPE_CHECKING:
-    from streams.api import Memory
+from streams.ltm import MemoryStore
+from streams.sleep.changelog import ChangeLog, Watermarks
 
 DEAD_LETTERS_FILE = "dead_letters.jsonl"
 
@@ -33,6 +32,16 @@ class ErasureReport:
     changes: int
     watermark: bool
     dead_letters: int
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (write a sibling, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def forget_dead_letters(path: Path, user_id: str) -> int:
@@ -51,7 +60,7 @@ def forget_dead_letters(path: Path, user_id: str) -> int:
         elif line.strip():
             keep.append(line)
     if removed:
-        _replace(path, "".join(f"{line}\n" for line in keep))
+        _rewrite(path, "".join(f"{line}\n" for line in keep))
     return removed
 
 
@@ -63,8 +72,9 @@ def erase_state(data_dir: Path, user_id: str) -> tuple[int, bool, int]:
     return changes, watermark, dead
 
 
-def erase_user(memory: Memory, user_id: str) -> ErasureReport:
-    """Erase a user from an embedded ``Memory`` and its data directory."""
-    points = memory.delete_user(user_id)
-    changes, watermark, dead = erase_state(memory.settings.data_dir, user_id)
+def erase_user(user_id: str, *, store: MemoryStore, data_dir: Path) -> ErasureReport:
+    """Erase a user's points from ``store`` and their change log entries, watermark and dead letters under
+    ``data_dir``."""
+    points = store.delete_user(user_id)
+    changes, watermark, dead = erase_state(data_dir, user_id)
     return ErasureReport(user_id, points, changes, watermark, dead)

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from streams.cli import DATA_DIR_OPT, _settings, app, console, err, fail
+from streams.cli.common import DATA_DIR_OPT, console, err, fail, load_settings
+
+app = typer.Typer()
 
 
 class Benchmark(StrEnum):
@@ -21,7 +23,6 @@ def _ints(text: str, name: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"{name} takes comma-separated integers, e.g. 5,10,20, not {text!r}")
-        raise
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -29,7 +30,6 @@ def _floats(text: str, name: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"{name} takes comma-separated numbers, e.g. 0.6,0.7, not {text!r}")
-        raise
 
 
 @app.command("eval")
@@ -93,7 +93,7 @@ def eval_(
     from streams.eval.report import summary_table
     from streams.eval.run import EvalError, EvalOptions, default_out_dir, run_eval
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     system_list = [s.strip() for s in systems.split(",") if s.strip()]
     opts = EvalOptions(
         benchmark=benchmark.value,
@@ -116,7 +116,6 @@ def eval_(
         results = run_eval(opts, settings, console=err)
     except (EvalError, JudgeUnavailable) as e:
         fail(str(e))
-        return
     console.print(f"\n## {opts.benchmark}: evidence recall (ordinary questions)\n")
     console.print(summary_table(results), markup=False, highlight=False, soft_wrap=True)
     console.print(

@@ -1,8 +1,9 @@
-"""``lightmem`` commands of the streaming shell: produce, worker, sink, replay, topics, kafka up|down|status.
+"""``lightmem`` commands of the streaming deployment: produce, worker, sink, replay, topics, kafka up|down|status.
 
-Registered on the one typer ``app`` of ``streams.cli`` (imported at the bottom of that module).
-Every option also reads its environment variable; Kafka itself is configured by ``LIGHTMEM_KAFKA__*``
-(bootstrap servers, app id, partitions, topic names), as every other setting.
+Options default from ``Settings`` (``LIGHTMEM_WORKER__*``, ``LIGHTMEM_SINK__*``, ``LIGHTMEM_LOG_LEVEL``); Kafka
+itself is configured by ``LIGHTMEM_KAFKA__*`` (bootstrap servers, app id, partitions, topic names), as every
+other setting. The Kafka and Faust modules are imported inside the commands, so the embedded commands never
+load them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,25 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from streams.cli import DATA_DIR_OPT, DataFormat, _settings, app, console, err, fail, progress
+from schemas import RawTurn
+from streams.cli.common import (
+    DATA_DIR_OPT,
+    DataFormat,
+    console,
+    env_help,
+    err,
+    fail,
+    load_settings,
+    override,
+    progress,
+    run_broker,
+)
 
-KAFKA_SH = Path(__file__).resolve().parent.parent / "deploy" / "kafka" / "kafka.sh"
+KAFKA_SH = Path(__file__).resolve().parent.parent.parent / "deploy" / "kafka" / "kafka.sh"
 
+app = typer.Typer()
 kafka_app = typer.Typer(help="Run the local Apache Kafka broker (KRaft, from Maven jars) for development and tests.")
 app.add_typer(kafka_app, name="kafka")
 
@@ -32,6 +47,9 @@ class LogLevel(StrEnum):
     info = "info"
     warning = "warning"
     error = "error"
+
+
+LOG_LEVEL_OPT = typer.Option("--loglevel", help=env_help("log level", "LIGHTMEM_LOG_LEVEL"))
 
 
 def _logging(level: str) -> None:
@@ -44,17 +62,8 @@ def _logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level.upper())))
 
 
-def _run(coro):  # noqa: ANN001, ANN202 - run a coroutine, turning a missing broker into a clear error
-    from streams.kafka.topics import BrokerUnavailable
-
-    try:
-        return asyncio.run(coro)
-    except BrokerUnavailable as e:
-        fail(f"{e} (start one with: lightmem kafka up)")
-
-
-def _load_turns(path: Path, fmt: DataFormat, limit: int | None) -> list:
-    from streams import loaders
+def _load_turns(path: Path, fmt: DataFormat, limit: int | None) -> list[RawTurn]:
+    from streams import loaders  # the benchmark loaders: only the commands reading files need them
 
     if fmt is DataFormat.jsonl:
         try:
@@ -76,12 +85,12 @@ def produce(
     """Send turns of a LoCoMo / LongMemEval / JSON-lines file to the raw-turn topic (key = user id)."""
     from streams.kafka.produce import produce_turns
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     turns = _load_turns(path, fmt, limit)
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"producing to {settings.kafka.topics.raw_turns}", total=len(turns))
-        n = _run(produce_turns(settings.kafka, turns, progress=lambda k: bar.advance(task, k)))
+        n = run_broker(produce_turns(settings.kafka, turns, progress=lambda k: bar.advance(task, k)))
     users = len({t.user_id for t in turns})
     console.print(
         f"produced {n} turns of {users} users to {settings.kafka.topics.raw_turns} at "
@@ -93,12 +102,10 @@ def produce(
 @app.command()
 def topics(data_dir: Annotated[Path | None, DATA_DIR_OPT] = None) -> None:
     """Create the pipeline's topics (idempotent) and show them with their configs."""
-    from rich.table import Table
-
     from streams.kafka.topics import ensure_topics, topic_specs
 
-    settings = _settings(data_dir)
-    result = _run(ensure_topics(settings.kafka))
+    settings = load_settings(data_dir)
+    result = run_broker(ensure_topics(settings.kafka))
     t = Table(title=f"topics at {settings.kafka.bootstrap_servers}")
     for col in ("role", "topic", "partitions", "config", "state"):
         t.add_column(col)
@@ -113,74 +120,91 @@ def topics(data_dir: Annotated[Path | None, DATA_DIR_OPT] = None) -> None:
 def worker(
     web_port: Annotated[
         int | None,
-        typer.Option(envvar="LIGHTMEM_WORKER_WEB_PORT", help="serve Faust's web view on this port (default: off)"),
+        typer.Option(help=env_help("serve Faust's web view on this port (default: off)", "LIGHTMEM_WORKER__WEB_PORT")),
     ] = None,
     tick_s: Annotated[
         float | None,
         typer.Option(
-            envvar="LIGHTMEM_WORKER_TICK_S", help="idle-flush timer interval (default: idle timeout/4, ≤ 1 s)"
+            help=env_help("idle-flush timer interval (default: idle timeout/4, ≤ 1 s)", "LIGHTMEM_WORKER__TICK_S")
         ),
     ] = None,
     standby_replicas: Annotated[
-        int, typer.Option(envvar="LIGHTMEM_WORKER_STANDBY_REPLICAS", help="standby table copies on other workers")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help=env_help("standby table copies on other workers", "LIGHTMEM_WORKER__STANDBY_REPLICAS"), min=0
+        ),
+    ] = None,
     session_timeout_s: Annotated[
-        float, typer.Option(envvar="LIGHTMEM_WORKER_SESSION_TIMEOUT_S", help="Kafka group session timeout")
-    ] = 10.0,
-    loglevel: Annotated[LogLevel, typer.Option(envvar="LIGHTMEM_LOGLEVEL", help="log level")] = LogLevel.info,
+        float | None,
+        typer.Option(help=env_help("Kafka group session timeout", "LIGHTMEM_WORKER__SESSION_TIMEOUT_S")),
+    ] = None,
+    loglevel: Annotated[LogLevel | None, LOG_LEVEL_OPT] = None,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Run a stream worker (sensory processor + STM aggregator). Start several to scale (≤ partitions)."""
-    from streams.kafka.topics import ensure_topics
-
-    settings = _settings(data_dir)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    from streams.kafka.topics import BrokerUnavailable
-
-    try:
-        loop.run_until_complete(ensure_topics(settings.kafka))
-    except BrokerUnavailable as e:
-        fail(f"{e} (start one with: lightmem kafka up)")
-    from faust import Worker
-
-    from streams.kafka.app import create_shell
-
-    shell = create_shell(
-        settings,
+    settings = load_settings(data_dir)
+    w = override(
+        settings.worker,
         web_port=web_port,
         tick_s=tick_s,
         standby_replicas=standby_replicas,
         session_timeout_s=session_timeout_s,
     )
+    level = loglevel.value if loglevel else settings.log_level
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    from faust import Worker
+
+    from streams.kafka.app import create_shell
+    from streams.kafka.topics import BrokerUnavailable, ensure_topics
+
+    try:
+        loop.run_until_complete(ensure_topics(settings.kafka))
+    except BrokerUnavailable as e:
+        fail(f"{e} (start one with: lightmem kafka up)")
+    shell = create_shell(
+        settings,
+        web_port=w.web_port,
+        tick_s=w.tick_s,
+        standby_replicas=w.standby_replicas,
+        session_timeout_s=w.session_timeout_s,
+    )
     err.print(
         f"worker {settings.kafka.app_id} at {settings.kafka.bootstrap_servers}: compressor "
         f"{shell.stages.compressor.name}, extractor {shell.stages.extractor.name}, idle timeout "
-        f"{settings.stm.idle_timeout_s} s, web {'port ' + str(web_port) if web_port else 'off'}"
+        f"{settings.stm.idle_timeout_s} s, web {'port ' + str(w.web_port) if w.web_port else 'off'}"
     )
-    Worker(shell.app, loop=loop, loglevel=loglevel.value, quiet=True).execute_from_commandline()
+    Worker(shell.app, loop=loop, loglevel=level, quiet=True).execute_from_commandline()
 
 
 # -- sink ---------------------------------------------------------------------------------------------
 @app.command()
 def sink(
-    batch_max: Annotated[int, typer.Option(envvar="LIGHTMEM_SINK_BATCH_MAX", help="records per write batch")] = 256,
-    batch_ms: Annotated[int, typer.Option(envvar="LIGHTMEM_SINK_BATCH_MS", help="longest wait for a batch")] = 500,
+    batch_max: Annotated[
+        int | None, typer.Option(help=env_help("records per write batch", "LIGHTMEM_SINK__BATCH_MAX"), min=1)
+    ] = None,
+    batch_ms: Annotated[
+        int | None, typer.Option(help=env_help("longest wait for a batch (ms)", "LIGHTMEM_SINK__BATCH_MS"), min=1)
+    ] = None,
     idle_exit_s: Annotated[
-        float | None, typer.Option(envvar="LIGHTMEM_SINK_IDLE_EXIT_S", help="exit after this long without records")
+        float | None,
+        typer.Option(help=env_help("exit after this long without records", "LIGHTMEM_SINK__IDLE_EXIT_S")),
     ] = None,
     heartbeat_file: Annotated[
         Path | None,
-        typer.Option(envvar="LIGHTMEM_SINK_HEARTBEAT_FILE", help="file touched on every poll (liveness probes)"),
+        typer.Option(help=env_help("file touched on every poll (liveness probes)", "LIGHTMEM_SINK__HEARTBEAT_FILE")),
     ] = None,
-    loglevel: Annotated[LogLevel, typer.Option(envvar="LIGHTMEM_LOGLEVEL", help="log level")] = LogLevel.info,
+    loglevel: Annotated[LogLevel | None, LOG_LEVEL_OPT] = None,
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Run the LTM sink: summaries → memories → the store (the single owner of the local Qdrant storage)."""
     from streams.sleep.kafka_agent import run_sink_with_compaction as run_sink  # + the sleep-time agent
 
-    settings = _settings(data_dir)
-    _logging(loglevel.value)
+    settings = load_settings(data_dir)
+    cfg = override(
+        settings.sink, batch_max=batch_max, batch_ms=batch_ms, idle_exit_s=idle_exit_s, heartbeat_file=heartbeat_file
+    )
+    _logging(loglevel.value if loglevel else settings.log_level)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -190,10 +214,10 @@ def sink(
         stats = await run_sink(
             settings,
             stop=stop,
-            idle_exit_s=idle_exit_s,
-            max_records=batch_max,
-            timeout_ms=batch_ms,
-            heartbeat=heartbeat_file,
+            idle_exit_s=cfg.idle_exit_s,
+            max_records=cfg.batch_max,
+            timeout_ms=cfg.batch_ms,
+            heartbeat=cfg.heartbeat_file,
         )
         err.print(
             f"sink stopped: {stats.batches} batches, {stats.summaries} summaries, {stats.memories} memories, "
@@ -202,7 +226,7 @@ def sink(
 
     where = settings.store.url or settings.store.path
     err.print(f"LTM sink at {settings.kafka.bootstrap_servers} → {settings.store.collection} in {where}")
-    _run(main())
+    run_broker(main())
 
 
 # -- replay -------------------------------------------------------------------------------------------
@@ -217,7 +241,7 @@ def replay(
     """Rebuild long-term memory from the raw-turn topic (offset 0 → the end at start) into a new collection."""
     from streams.kafka.replay import CollectionNotEmpty, replay_topic
 
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     if embedder is not None and not embedder.exists():
         fail(f"--embedder {embedder} does not exist (a local sentence-transformers model directory)")
     t0 = time.perf_counter()
@@ -228,7 +252,7 @@ def replay(
             bar.update(task, total=total, advance=n)
 
         try:
-            report = _run(replay_topic(settings, collection, embedder=embedder, progress=advance))
+            report = run_broker(replay_topic(settings, collection, embedder=embedder, progress=advance))
         except CollectionNotEmpty as e:
             fail(str(e))
     console.print(

@@ -1,33 +1,43 @@
-"""``lightmem`` commands of the sleep-time update: compact, memory history|revert, forget.
+"""``lightmem`` commands on long-term memory's life: compact (the sleep-time update), memory history|revert,
+and forget (erasure).
 
-Registered on the one typer ``app`` of ``streams.cli`` (imported at the bottom of that module). Embedded mode:
-the store under ``--data-dir`` (one owner process at a time), the change log and watermarks beside it.
+Every embedded command goes through ``streams.api.Memory`` (the store under ``--data-dir``, one owner process at a
+time; the change log and watermarks beside it). With ``--kafka``, ``compact`` and ``forget`` send requests to the
+compaction and control topics instead (the sink process runs them).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from streams.cli import DATA_DIR_OPT, _cost_table, _settings, app, console, err, fail, memory, progress
+from streams.cli.common import (
+    DATA_DIR_OPT,
+    console,
+    cost_table,
+    err,
+    fail,
+    load_settings,
+    open_memory,
+    progress,
+    run_broker,
+)
+from streams.settings import Settings
 
+if TYPE_CHECKING:
+    from streams.api import CompactionReport
+
+# ``streams.api`` (the openai client, the models) is imported inside the commands that open a Memory, so that
+# ``lightmem --help`` and the streaming commands start without it.
+
+app = typer.Typer()
 memory_app = typer.Typer(help="The life of long-term memories: history of sleep-time changes, and undoing them.")
 app.add_typer(memory_app, name="memory")
-
-
-def _open_store(settings):  # noqa: ANN001, ANN202 - (store, encoder)
-    from streams.encoder import load_encoder
-    from streams.ltm import open_store
-
-    encoder = load_encoder(settings.embedding)
-    return open_store(settings.store, encoder.dim), encoder
 
 
 def _short(text: str | None, n: int = 70) -> str:
@@ -57,44 +67,21 @@ def compact(
 
     Embedded by default (this process opens the store); with --kafka, one request per user goes to the
     compaction topic instead."""
-    from streams.sleep import Compactor
-
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
+    users = list(user or [])
     if kafka:
-        _compact_via_kafka(settings, list(user or []), full, as_json)
+        _compact_via_kafka(settings, users, full, as_json)
         return
     t0 = time.perf_counter()
-    store, encoder = _open_store(settings)
-    try:
-        users = list(user) if user else store.users()
-        compactor = Compactor(settings, store, encoder.embed)
+    with open_memory(settings) as m:
+        todo = users or m.users()
         with progress() as bar:
-            task = bar.add_task(f"compacting ({compactor.model})", total=len(users))
-            report = asyncio.run(_run(compactor, users, full, lambda run: bar.advance(task)))
-    finally:
-        store.close()
+            task = bar.add_task("compacting", total=len(todo))
+            report = m.compact(todo, full=full, after_user=lambda run: bar.advance(task))
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "model": compactor.model,
-                    "users": [
-                        {
-                            "user_id": u.user_id,
-                            "targets": u.targets,
-                            "candidates": u.candidates,
-                            "actions": dict(u.actions),
-                            "dead_letters": len(u.dead_letters),
-                            "watermark": u.watermark_after.isoformat() if u.watermark_after else None,
-                        }
-                        for u in report.users
-                    ],
-                    "cost": report.cost.model_dump(mode="json"),
-                }
-            )
-        )
+        print(json.dumps(_report_json(report)))
         return
-    t = Table(title=f"sleep-time update ({compactor.model})")
+    t = Table(title=f"sleep-time update ({report.model})")
     for col in ("user", "new memories", "candidates", "updated", "deleted", "ignored", "dead letters", "watermark"):
         t.add_column(col, justify="left" if col in ("user", "watermark") else "right")
     for u in sorted(report.users, key=lambda r: r.user_id):
@@ -113,27 +100,38 @@ def compact(
     console.print(t)
     if report.dead_letters:
         err.print(f"[yellow]{len(report.dead_letters)} dead letters in {settings.data_dir / 'dead_letters.jsonl'}[/]")
-    console.print(_cost_table({"compaction": report.cost}, time.perf_counter() - t0))
+    console.print(cost_table({"compaction": report.cost}, time.perf_counter() - t0))
 
 
-def _compact_via_kafka(settings, users: list[str], full: bool, as_json: bool) -> None:  # noqa: ANN001
-    from streams.kafka.topics import BrokerUnavailable
-    from streams.sleep.kafka_agent import produce_requests
+def _report_json(report: CompactionReport) -> dict[str, object]:
+    return {
+        "model": report.model,
+        "users": [
+            {
+                "user_id": u.user_id,
+                "targets": u.targets,
+                "candidates": u.candidates,
+                "actions": dict(u.actions),
+                "dead_letters": len(u.dead_letters),
+                "watermark": u.watermark_after.isoformat() if u.watermark_after else None,
+            }
+            for u in report.users
+        ],
+        "cost": report.cost.model_dump(mode="json"),
+    }
+
+
+def _compact_via_kafka(settings: Settings, users: list[str], full: bool, as_json: bool) -> None:
+    from streams.sleep.kafka_agent import produce_requests  # aiokafka: only with --kafka
 
     if full:
         fail("--full is embedded only (the agent owns the watermarks)")
     if not users:
         if not settings.store.url:
             fail("with --kafka name the users (--user U ...): the embedded store belongs to the sink process")
-        store, _ = _open_store(settings)  # a Qdrant server: any process may read it
-        try:
-            users = store.users()
-        finally:
-            store.close()
-    try:
-        requests = asyncio.run(produce_requests(settings, users))
-    except BrokerUnavailable as e:
-        fail(f"{e} (start one with: lightmem kafka up)")
+        with open_memory(settings) as m:  # a Qdrant server: any process may read it
+            users = m.users()
+    requests = run_broker(produce_requests(settings, users))
     if as_json:
         print(json.dumps({"requests": [r.model_dump(mode="json") for r in requests]}))
         return
@@ -141,13 +139,6 @@ def _compact_via_kafka(settings, users: list[str], full: bool, as_json: bool) ->
         f"sent {len(requests)} compaction request(s) to {settings.kafka.topics.compaction_requests} "
         f"for: {', '.join(r.user_id for r in requests)}"
     )
-
-
-async def _run(compactor, users, full, after):  # noqa: ANN001, ANN202
-    try:
-        return await compactor.run(users, full=full, after_user=after)
-    finally:
-        await compactor.aclose()
 
 
 # -- memory history | revert --------------------------------------------------------------------------
@@ -163,22 +154,14 @@ def history(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Show the life of one memory: its current state and every sleep-time change to it, deletes included."""
-    from streams.sleep import ChangeLog
-
-    settings = _settings(data_dir)
-    log = ChangeLog.in_dir(settings.data_dir)
-    changes = log.for_memory(memory_id)
-    caused = log.caused_by(memory_id)
-    if user is None and changes:
-        user = changes[0].user_id
-    current = None
-    if user:
-        store, _ = _open_store(settings)
-        try:
-            found = store.get(user, [memory_id])
-        finally:
-            store.close()
-        current = found[0] if found else None
+    settings = load_settings(data_dir)
+    with open_memory(settings) as m:
+        changes = m.history(memory_id)
+        if user is None and changes:
+            user = changes[0].user_id
+        view = m.get(memory_id, user) if user else None
+    current = view.record if view else None
+    caused = view.caused if view else []
     if current is None and not changes:
         hint = "" if user else " (pass --user to look the memory up in the store)"
         fail(f"no memory {memory_id} and no change to it{hint}", 1)
@@ -231,34 +214,22 @@ def revert(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Undo a sleep-time change: restore the memory as it was before (re-embedded, same id); logged as a 'revert'."""
-    from streams.sleep import ChangeLog, RevertError, apply_changes, build_revert
+    from streams.api import AmbiguousChange, ChangeNotFound, RevertError
 
-    settings = _settings(data_dir)
-    log = ChangeLog.in_dir(settings.data_dir)
-    matches = log.find(change_id)
-    if not matches:
-        fail(f"no change {change_id} in {log.path}", 1)
-    if len(matches) > 1:
-        fail(f"{change_id} is ambiguous: {', '.join(c.change_id for c in matches[:5])}")
-    change = matches[0]
-    store, encoder = _open_store(settings)
-    try:
-        done = [c for c in log.for_memory(change.memory_id) if c.reverts == change.change_id]
-        if done and not force:
-            apply_changes(done, store, encoder.embed)  # idempotent: finishes a revert interrupted before applying
-            console.print(f"change {change.change_id} was already reverted by {done[-1].change_id}")
-            return
-        found = store.get(change.user_id, [change.memory_id])
+    settings = load_settings(data_dir)
+    with open_memory(settings) as m:
         try:
-            rc = build_revert(
-                change, found[0] if found else None, datetime.now(UTC), settings.pipeline_version, force=force
-            )
+            result = m.revert(change_id, force=force)
+        except ChangeNotFound as e:
+            fail(str(e), 1)
+        except AmbiguousChange as e:
+            fail(str(e))
         except RevertError as e:
             fail(str(e), 1)
-        log.append([rc])
-        apply_changes([rc], store, encoder.embed)
-    finally:
-        store.close()
+    change, rc = result.reverted, result.revert
+    if result.already:
+        console.print(f"change {change.change_id} was already reverted by {rc.change_id}")
+        return
     what = "restored" if rc.new_record is not None else "removed again"
     console.print(
         f"reverted {change.action} {change.change_id}: memory {change.memory_id} {what}"
@@ -276,26 +247,19 @@ def forget(
     data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
 ) -> None:
     """Erase a user: memories, buffered turns, session counters, change log entries, watermark, dead letters."""
-    from streams.sleep import erase_user
-
     if not user or not user.strip():
         fail("--user is required (e.g. lightmem forget --user alice)")
-    assert user is not None
     if not yes:
         typer.confirm(f"erase everything stored about user {user!r}?", abort=True)
-    settings = _settings(data_dir)
+    settings = load_settings(data_dir)
     if kafka:
-        from streams.kafka.topics import BrokerUnavailable
-        from streams.sleep.kafka_agent import produce_erasure
+        from streams.sleep.kafka_agent import produce_erasure  # aiokafka: only with --kafka
 
-        try:
-            rec = asyncio.run(produce_erasure(settings, user))
-        except BrokerUnavailable as e:
-            fail(f"{e} (start one with: lightmem kafka up)")
+        rec = run_broker(produce_erasure(settings, user))
         console.print(f"sent erase_user for {user!r} to {settings.kafka.topics.control} at {rec.requested_at:%c}")
         return
-    with memory(settings) as m:
-        r = erase_user(m, user)
+    with open_memory(settings) as m:
+        r = m.erase(user)
     console.print(
         f"erased user {user!r}: {r.memories} memories, {r.changes} memory changes, "
         f"{'a' if r.watermark else 'no'} compaction watermark, {r.dead_letters} dead letters"
