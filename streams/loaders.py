@@ -86,13 +86,27 @@ def _read_json(path: str | Path) -> Any:
 _MONTHS = {
     m: i + 1
     for i, m in enumerate(
-        ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-         "november", "december"]
+        [
+            "january",
+            "february",
+            "march",
+            "april",
+            "may",
+            "june",
+            "july",
+            "august",
+            "september",
+            "october",
+            "november",
+            "december",
+        ]
     )
 }
 _LOCOMO_DT = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*([ap])\.?m\.?\s+on\s+(\d{1,2})\s+([A-Za-z]+),?\s+(\d{4})\s*$", re.I)
 _SESSION_KEY = re.compile(r"^session_(\d+)$")
 _DIA_ID = re.compile(r"^D\s*:?\s*(\d+)\s*:\s*(\d+)$")
+# one dia id inside an entry that may hold several ("D1:3 D1:5", "D8:6; D9:17", "D:11:26")
+_DIA_PIECE = re.compile(r"D\s*:?\s*\d+\s*:\s*\d+")
 
 
 def parse_locomo_datetime(text: str) -> datetime:
@@ -124,8 +138,8 @@ def _map_locomo_evidence(
     session_ids: list[str] = []
     for entry in raw:
         stats["evidence_entries"] += 1
-        pieces = [p.strip() for p in str(entry).split(";")]
-        pieces = [p for p in pieces if p]
+        pieces = _DIA_PIECE.findall(str(entry)) or [p.strip() for p in str(entry).split(";")]
+        pieces = [p for p in pieces if p.strip()]
         if not pieces:
             stats["evidence_dropped"] += 1
             stats["warnings"].append(f"{where}: empty evidence entry {entry!r} dropped")
@@ -341,8 +355,18 @@ def load_longmemeval(path: str | Path) -> list[Conversation]:
 # ---------------------------------------------------------------------------------------------------------------
 
 _JSONL_REQUIRED = ("session_id", "role", "content", "timestamp")
-_JSONL_ALLOWED = {"user_id", "session_id", "role", "content", "timestamp", "seq", "speaker", "source_id",
-                  "turn_id", "schema_version"}
+_JSONL_ALLOWED = {
+    "user_id",
+    "session_id",
+    "role",
+    "content",
+    "timestamp",
+    "seq",
+    "speaker",
+    "source_id",
+    "turn_id",
+    "schema_version",
+}
 
 
 def _parse_iso(value: Any, where: str) -> datetime:
