@@ -236,6 +236,8 @@ def _summary_sentences(response: ExtractionResponse, alias_map: dict[int, Compre
 TOPIC_WORDS = 6
 SUMMARY_SENTENCES = 3  # at most this many sentences (from distinct turns) in an extractive summary
 SUMMARY_MAX_WORDS = 45  # and at most about this many words
+CONTEXT_BEFORE = 1  # neighbouring turns the search index reads with a fact (see _index_text)
+CONTEXT_AFTER = 0
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -298,6 +300,17 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
+def _index_text(alias_map: dict[int, CompressedTurn], alias: int) -> str:
+    """What the search index reads for a turn's fact: the raw turn, after the raw text of up to
+    ``CONTEXT_BEFORE`` preceding and ``CONTEXT_AFTER`` following turns of the same session in the batch (a short
+    answer is found through the question it answers; the fact itself still states, and is credited with, only
+    its own turn)."""
+    turn = alias_map[alias]
+    near = [*range(alias - CONTEXT_BEFORE, alias), alias, *range(alias + 1, alias + 1 + CONTEXT_AFTER)]
+    parts = [alias_map[a] for a in near if a in alias_map and alias_map[a].session_id == turn.session_id]
+    return "\n".join(f"{_who(t)}: {t.raw_text}" for t in parts)
+
+
 def extractive_summary(
     user_id: str,
     segments: Sequence[TopicSegment],
@@ -308,8 +321,8 @@ def extractive_summary(
 
     - facts: one per informative turn (see ``informative``: greetings, back-channel and questions that state
       nothing are left out), ``"<speaker or role>: <compressed_text>"``, with that turn as its single source;
-      the search index reads the raw turn (``"<speaker or role>: <raw_text>"``), so what compression cut can
-      still be found.
+      the search index reads the raw turn with its preceding turn (``_index_text``), so what compression cut,
+      and the question a short answer answers, can still be found.
     - summary: up to ``SUMMARY_SENTENCES`` real sentences of the batch (``"<speaker>: <sentence>"``, see
       ``_salient_sentences``), each citing its turn; the topic line of ``_topic_line`` when no turn has content.
 
@@ -328,7 +341,7 @@ def extractive_summary(
         summary=sentences or _topic_line(turns),
         facts=[ExtractedFact(text=turn_label(alias_map[a]), sources=[a]) for a in kept],
     )
-    index_texts = {pos: f"{_who(alias_map[a])}: {alias_map[a].raw_text}" for pos, a in enumerate(kept)}
+    index_texts = {pos: _index_text(alias_map, a) for pos, a in enumerate(kept)}
     return build_summary(user_id, segments, response, alias_map, EXTRACTIVE_NAME, now, index_texts)
 
 

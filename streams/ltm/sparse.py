@@ -21,7 +21,6 @@ B = 0.75
 AVGDL = 12.0  # typical length of a fact in tokens after stopword removal
 
 
-
 @dataclass(frozen=True)
 class Sparse:
     indices: list[int]
