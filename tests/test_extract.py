@@ -275,8 +275,15 @@ def test_extractive_summary_of_small_talk_still_cites_a_turn() -> None:
     assert summary.facts == []
     (sentence,) = summary.summary_sentences
     assert sentence.source_turn_ids == [segments[0].turns[1].turn_id]
-    records = summary_to_memories(summary, PIPELINE, NOW)
+    records = summary_to_memories(summary, PIPELINE, NOW)  # no fact: the summary is the batch's one memory
     assert [(r.kind, r.source_turn_ids) for r in records] == [("summary", [segments[0].turns[1].turn_id])]
+
+
+def test_extractive_summary_with_facts_is_not_stored_twice() -> None:
+    summary = extractive_summary(USER, batch(), NOW)
+    assert summary.facts and summary.summary_sentences
+    records = summary_to_memories(summary, PIPELINE, NOW)
+    assert [r.kind for r in records] == ["fact"] * len(summary.facts)
 
 
 async def test_extract_rejects_a_batch_of_another_user() -> None:
