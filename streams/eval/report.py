@@ -197,8 +197,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             "",
             "Every recall in this report credits a memory with the turns it states: a fact with its cited source "
             "turns, a summary with the turns its sentences cite. *facts-only* scores the same ranking with summaries "
-            "credited with no turn (a lower bound); *batch credit* credits each memory with every turn of its STM "
-            "batch that the batch's memories cite (generous: a memory then covers turns it does not state; for "
+            "credited with no turn (a lower bound); *batch credit* credits each summary with every turn of its STM "
+            "batch that the batch's memories cite (generous: a summary then covers turns it does not state; for "
             "comparison with older reports only).",
             "",
         ]

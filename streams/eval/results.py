@@ -58,8 +58,8 @@ def sum_costs(costs: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dic
 
 def _credited(q: QuestionEval, credit: str) -> QuestionEval:
     """The same ranking credited otherwise: ``facts`` = summaries credited with no turn (a lower bound);
-    ``batch`` = every memory credited with every turn of its STM batch that the batch's memories cite (generous:
-    a summary then covers turns it does not state)."""
+    ``batch`` = summaries credited with every turn of their STM batch that the batch's memories cite (the older,
+    generous figure: a summary then covers turns it does not state)."""
     kinds = list(q.extra.get("kinds") or [])
     if not kinds:
         return q
@@ -67,7 +67,9 @@ def _credited(q: QuestionEval, credit: str) -> QuestionEval:
         retrieved = tuple(() if k == "summary" else item for item, k in zip(q.retrieved, kinds, strict=True))
     else:
         batch = q.extra.get("batch") or q.retrieved
-        retrieved = tuple(tuple(b) for b in batch)
+        retrieved = tuple(
+            tuple(b) if k == "summary" else item for item, b, k in zip(q.retrieved, batch, kinds, strict=True)
+        )
     if q.retrieved_sessions is not None:
         sessions = (
             None

@@ -25,7 +25,7 @@ source turns span days).
 
 Credit: a raw turn covers itself; a memory covers the turns it states (a fact its cited sources, a summary the
 turns its sentences cite). The results also carry two other credits of the same ranking: ``metrics_facts_only``
-(summaries credited with nothing) and ``metrics_batch_credit`` (each memory credited with every turn of its STM
+(summaries credited with nothing) and ``metrics_batch_credit`` (each summary credited with every turn of its STM
 batch that the batch's memories cite: generous, and only for comparison with older reports).
 
 Modules: ``options`` (what a run is), ``checkpoint`` (resumable units), ``systems`` (the baselines and LightMem
