@@ -381,3 +381,27 @@ def test_recall_before_and_after_the_sleep_time_update(tmp_path, encoder):
         key = f"evidence_recall@{k}"
         assert after["metrics"]["overall"][key] is not None and 0.0 <= after["metrics"]["overall"][key] <= 1.0
     assert [g["id"] for g in res["config"]["grid"]] == [before["config"]]
+
+
+def test_credits_of_one_ranking():
+    from streams.eval.metrics import QuestionEval, evidence_recall_at_k
+    from streams.eval.results import _credited
+
+    q = QuestionEval(
+        question_id="q",
+        category="4",
+        is_abstention=False,
+        is_adversarial=False,
+        evidence_turn_ids=("t1", "t3", "t5"),
+        evidence_session_ids=(),
+        retrieved=(("t1",), ("t2",)),  # a fact stating t1, a summary whose sentences cite t2
+        item_tokens=(5, 9),
+        extra={"kinds": ["fact", "summary"], "batch": (("t1", "t2", "t3"), ("t2", "t3", "t5"))},
+    )
+    honest = evidence_recall_at_k(q.retrieved, q.evidence_turn_ids, 2)
+    facts = _credited(q, "facts")
+    batch = _credited(q, "batch")
+    assert honest == pytest.approx(1 / 3)
+    assert facts.retrieved == (("t1",), ())  # summaries credited with nothing
+    assert batch.retrieved == (("t1",), ("t2", "t3", "t5"))  # only the summary takes its batch's turns
+    assert evidence_recall_at_k(batch.retrieved, q.evidence_turn_ids, 2) == 1.0
