@@ -43,7 +43,7 @@ from streams.ids import memory_id  # noqa: E402
 from streams.ltm import open_store  # noqa: E402
 from streams.settings import EmbeddingSettings, LLMSettings, Settings, SleepSettings, StoreSettings  # noqa: E402
 from streams.sleep import Compactor, Watermarks  # noqa: E402
-from streams.sleep.prompts import is_compaction_prompt, parse_compaction_prompt  # noqa: E402
+from tests.llm_server import is_compaction_prompt, parse_compaction_prompt  # noqa: E402
 
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Luca"]
 PLACES = ["Reykjavik", "Lisbon", "Kyoto", "Nairobi", "Lima", "Oslo", "Hanoi", "Quebec", "Tbilisi", "Cusco", "Bergen"]
@@ -137,22 +137,33 @@ def build(n: int, new: int, args: argparse.Namespace, base_texts: list[str], bas
 
 
 def responder(messages: list[dict[str, Any]]) -> str | None:
-    """The bench's LLM: an older memory with the new one's text (tags aside) is deleted as a duplicate, or, for
-    every other new memory, updated (rewritten text: re-embedded); every other older memory is ignored."""
+    """The bench's LLM: for each new memory of a (batched) prompt, an older memory with the new one's text (tags
+    aside) is deleted as a duplicate, or, for every fourth new memory, updated (rewritten text: re-embedded);
+    every other pair is left out (ignored)."""
     if not is_compaction_prompt(messages):
         return None
-    (_, _, new_text), older = parse_compaction_prompt(messages)
-    key = TAG.sub("", new_text)
-    tag = re.search(r"\[n(\d+)\]$", new_text)
-    rewrite = tag is not None and int(tag.group(1)) % 4 == 2
     decisions = []
-    for alias, _, text in older:
-        if TAG.sub("", text) != key:
-            decisions.append({"id": alias, "action": "ignore", "reason": "different"})
-        elif rewrite:
-            decisions.append({"id": alias, "action": "update", "text": f"{key} (confirmed again)", "reason": "repeat"})
-        else:
-            decisions.append({"id": alias, "action": "delete", "reason": "duplicate"})
+    decided: set[int] = set()
+    for (new, _, new_text), older in parse_compaction_prompt(messages):
+        key = TAG.sub("", new_text)
+        tag = re.search(r"\[n(\d+)\]$", new_text)
+        rewrite = tag is not None and int(tag.group(1)) % 4 == 2
+        for alias, _, text in older:
+            if alias in decided or TAG.sub("", text) != key:
+                continue
+            decided.add(alias)
+            if rewrite:
+                decisions.append(
+                    {
+                        "new": new,
+                        "old": alias,
+                        "action": "update",
+                        "text": f"{key} (confirmed again)",
+                        "reason": "repeat",
+                    }
+                )
+            else:
+                decisions.append({"new": new, "old": alias, "action": "delete", "reason": "duplicate"})
     return json.dumps({"decisions": decisions})
 
 

@@ -109,7 +109,10 @@ class STMSummary(Record):
         "those turns only)",
     )
     facts: list[Fact]
-    extractor: NonEmpty = Field(description="'llm:<model>' or 'extractive' (offline mode)")
+    extractor: NonEmpty = Field(
+        description="'llm:<model>/<prompt version>' (e.g. 'llm:gpt-4o-mini/extract/v1'; older records: 'llm:<model>') "
+        "or 'extractive' (offline mode)"
+    )
     created_at: AwareDatetime
 
 
@@ -156,7 +159,10 @@ class MemoryChange(Record):
     new_record: MemoryRecord | None = Field(
         default=None, description="the memory after an update or revert (applied as is, re-embedded); None = absent"
     )
-    model: NonEmpty = Field(description="'llm:<model>' or 'offline-rule'")
+    model: NonEmpty = Field(
+        description="'llm:<model>/<prompt version>' (e.g. 'llm:gpt-4o-mini/compact/v1'; older records: "
+        "'llm:<model>'), 'offline-rule', 'exact-rule' (identical text, no call) or 'operator' (a revert)"
+    )
     pipeline_version: NonEmpty
     at: AwareDatetime
 

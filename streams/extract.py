@@ -3,67 +3,48 @@ topic summary plus standalone facts with provenance (``STMSummary``).
 
 Two modes, chosen by ``LLMSettings.base_url``:
 
-- **LLM** (``base_url`` set): any OpenAI-compatible endpoint through ``openai.AsyncOpenAI`` (the client's
-  own retries are off; this module retries). The response must be a JSON object matching
-  ``streams.prompts.ExtractionResponse`` whose fact sources are aliases shown in the prompt.
+- **LLM** (``base_url`` set): any OpenAI-compatible endpoint through the product's one LLM client
+  (``streams.llm.LLMClient``: retries, the process-wide concurrency limit, JSON parsing, cost). The response
+  must be a JSON object matching ``streams.prompts.ExtractionResponse`` whose fact sources are aliases shown in
+  the prompt; content that is not JSON, does not match, or cites no valid alias is asked again like an HTTP
+  error is retried. Summaries name their producer and prompt: ``extractor="llm:<model>/extract/v2"``.
 - **Extractive** (``base_url`` unset, offline, no LLM): see ``extractive_summary``.
 
-Failure policy ("nothing silent", never an empty result): an attempt fails on an HTTP 5xx/408/409/429,
-a timeout or connection error, content that is not JSON, JSON that does not match the schema, or facts
-citing no valid alias. It is retried ``max_retries`` times with exponential backoff (``backoff_s``,
-doubling). Other 4xx answers (bad key, unknown model...) are not retried. When no attempt is left,
-``extract`` returns an ``ExtractResult`` with ``summary=None`` and a ``DeadLetter`` holding the reason and
-the original segments; it does not raise for LLM faults.
-
-Concurrency: every HTTP call goes through one ``asyncio.Semaphore(max_concurrency)`` owned by the
-``Extractor``; the backoff sleep is outside it. An ``Extractor`` belongs to one event loop.
+Failure policy ("nothing silent", never an empty result): when no attempt is left, ``extract`` returns an
+``ExtractResult`` with ``summary=None`` and a ``DeadLetter`` holding the reason and the original segments; it
+does not raise for LLM faults.
 
 Cost: ``StageCost(stage="extraction")`` with ``calls`` = HTTP attempts made, tokens from ``usage`` when the
-server reports it, else counted with cl100k_base (an attempt that got no response counts no tokens),
-``seconds`` = wall time of the whole ``extract`` call (retries, backoff and waiting for a slot included),
-``items`` = turns in the batch.
+server reports it, else counted with cl100k_base, ``seconds`` = wall time of the whole ``extract`` call
+(retries, backoff and waiting for a slot included), ``items`` = turns in the batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar, cast
-
-import openai
-from openai.types.chat import ChatCompletionMessageParam
-from openai.types.shared_params import ResponseFormatJSONObject
-from pydantic import ValidationError
 
 from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, SummarySentence, TopicSegment
 from streams import ids
+from streams.llm import InvalidOutput, LLMClient, describe_error, parse_model
 from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
 from streams.segment import turn_label
 from streams.settings import LLMSettings
 from streams.text import content_words, stem
-from streams.tokens import count_messages_tokens, count_tokens
 
 log = logging.getLogger(__name__)
 
 EXTRACTIVE_NAME = "extractive"
-_RETRYABLE_STATUS = {408, 409, 429}
-_JSON_OBJECT: ResponseFormatJSONObject = {"type": "json_object"}
 
 
-class InvalidExtraction(ValueError):
-    """The LLM answered, but its output cannot be used (not JSON, wrong schema, bad aliases...)."""
-
-    def __init__(self, error_type: str, reason: str) -> None:
-        super().__init__(reason)
-        self.error_type = error_type
-        self.reason = reason
+class InvalidExtraction(InvalidOutput):
+    """The LLM answered, but its extraction cannot be used (not JSON, wrong schema, bad aliases...)."""
 
 
 class ExtractionFailed(Exception):
@@ -125,32 +106,9 @@ def _check_batch(user_id: str, segments: Sequence[TopicSegment]) -> None:
         raise ValueError(f"segments of other users {sorted(others)} in a batch for user {user_id!r}")
 
 
-_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
-
-
 def parse_extraction(content: str | None) -> ExtractionResponse:
     """Parse the LLM's text: strip ```json fences, then JSON, then the response schema."""
-    if content is None or not content.strip():
-        raise InvalidExtraction("EmptyResponse", "the LLM returned no content")
-    text = content.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        start, end = text.find("{"), text.rfind("}")
-        try:
-            if start < 0 or end <= start:
-                raise exc
-            data = json.loads(text[start : end + 1])
-        except json.JSONDecodeError:
-            raise InvalidExtraction("InvalidJSON", f"content is not JSON ({exc}): {content[:200]!r}") from exc
-    try:
-        return ExtractionResponse.model_validate(data)
-    except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
-        raise InvalidExtraction("SchemaViolation", f"JSON does not match the extraction schema: {errors}") from exc
+    return parse_model(content, ExtractionResponse, what="extraction", error=InvalidExtraction)
 
 
 def build_summary(
@@ -348,85 +306,24 @@ def extractive_summary(
 # -- the extractor -----------------------------------------------------------------------------
 
 
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code >= 500 or exc.status_code in _RETRYABLE_STATUS
-    return isinstance(exc, InvalidExtraction | openai.OpenAIError)
-
-
-def describe_error(exc: BaseException) -> tuple[str, str]:
-    """(error_type, reason) of an attempt's failure."""
-    if isinstance(exc, InvalidExtraction):
-        return exc.error_type, exc.reason
-    if isinstance(exc, openai.APIStatusError):
-        return type(exc).__name__, exc.message  # "Error code: <status> - <server message>"
-    return type(exc).__name__, str(exc) or type(exc).__name__
-
-
 def segments_payload(segments: Sequence[TopicSegment]) -> str:
     """The batch as JSON text (a list of TopicSegment objects), as dead letters carry it."""
     return json.dumps([s.model_dump(mode="json") for s in segments], ensure_ascii=False)
 
 
-T = TypeVar("T")
-
-
-@dataclass
-class CallOutcome(Generic[T]):
-    """What one retried LLM call came to: the parsed value, or the last error; calls and tokens either way."""
-
-    value: T | None
-    calls: int
-    input_tokens: int
-    output_tokens: int
-    error: BaseException | None
-
-
 class Extractor:
-    """Runs the extraction of STM batches; owns the LLM client and the concurrency limit."""
+    """Runs the extraction of STM batches; holds the LLM client (none in offline mode)."""
 
-    def __init__(self, settings: LLMSettings, pipeline_version: str) -> None:
+    def __init__(self, settings: LLMSettings, pipeline_version: str, llm: LLMClient | None = None) -> None:
         self.settings = settings
         self.pipeline_version = pipeline_version
         self.prompt_version = EXTRACTION_PROMPT_VERSION
-        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: openai.AsyncOpenAI | None = None
-        if settings.base_url:
-            self._client = self._new_client()
-            self.name = f"llm:{settings.model}"
-        else:
-            self.name = EXTRACTIVE_NAME
-
-    def _new_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=self.settings.base_url,
-            api_key=self.settings.api_key.get_secret_value(),
-            timeout=self.settings.timeout_s,
-            max_retries=0,
-        )
-
-    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
-        """The client and the limit, bound to the running loop.
-
-        The connection pool and the semaphore belong to one event loop; if this Extractor is reused under a
-        new loop (e.g. successive ``asyncio.run`` calls of a CLI) both are rebuilt instead of failing every
-        call with a closed-loop connection error.
-        """
-        assert self._client is not None
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            log.info("extractor reused under a new event loop: rebuilding its HTTP client")
-            self._loop = loop
-            self._client = self._new_client()
-            self._semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-        return self._client, self._semaphore
+        self.llm = llm if llm is not None else (LLMClient(settings) if settings.base_url else None)
+        self.name = self.llm.label(self.prompt_version) if self.llm is not None else EXTRACTIVE_NAME
 
     @property
     def offline(self) -> bool:
-        return self._client is None
+        return self.llm is None
 
     async def __aenter__(self) -> Extractor:
         return self
@@ -435,77 +332,21 @@ class Extractor:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._client is None:
-            return
-        if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            return  # its connections died with their loop
-        await self._client.close()
-
-    async def call_json(
-        self, messages: list[dict[str, str]], parse: Callable[[str | None], T], label: str
-    ) -> CallOutcome[T]:
-        """One JSON chat call with bounded retries and exponential backoff, under the concurrency limit.
-
-        ``parse`` turns the reply's content into the result or raises ``InvalidExtraction`` (then the call is
-        retried like an HTTP error). Shared by every LLM stage (extraction, sleep-time decisions).
-        """
-        client, semaphore = self._session()
-        calls = input_tokens = output_tokens = 0
-        last: BaseException | None = None
-        for attempt in range(self.settings.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with semaphore:
-                    calls += 1
-                    response = await client.chat.completions.create(
-                        model=self.settings.model,
-                        messages=cast("list[ChatCompletionMessageParam]", messages),
-                        temperature=self.settings.temperature,
-                        max_tokens=self.settings.max_output_tokens,
-                        response_format=_JSON_OBJECT,
-                    )
-                content = response.choices[0].message.content if response.choices else None
-                if response.usage is not None:
-                    input_tokens += response.usage.prompt_tokens
-                    output_tokens += response.usage.completion_tokens
-                else:
-                    input_tokens += count_messages_tokens(messages)
-                    output_tokens += count_tokens(content or "")
-                if response.choices and response.choices[0].finish_reason == "length" and content:
-                    log.warning("%s: output truncated at max_output_tokens", label)
-                value = parse(content)
-            except (InvalidExtraction, openai.OpenAIError) as exc:
-                last = exc
-                error_type, reason = describe_error(exc)
-                retry = _retryable(exc) and attempt < self.settings.max_retries
-                log.warning(
-                    "%s: attempt %d/%d failed (%s: %s)%s",
-                    label,
-                    attempt + 1,
-                    self.settings.max_retries + 1,
-                    error_type,
-                    reason[:300],
-                    "; retrying" if retry else "",
-                )
-                if not _retryable(exc):
-                    break
-                continue
-            return CallOutcome(value, calls, input_tokens, output_tokens, None)
-        return CallOutcome(None, calls, input_tokens, output_tokens, last)
+        if self.llm is not None:
+            await self.llm.aclose()
 
     async def extract(self, user_id: str, segments: Sequence[TopicSegment], now: datetime) -> ExtractResult:
         """One STM flush → an ``STMSummary`` or, after bounded retries, a ``DeadLetter``."""
         _check_batch(user_id, segments)
         started = time.perf_counter()
         n_turns = sum(len(s.turns) for s in segments)
-        if self._client is None:
+        if self.llm is None:
             summary = extractive_summary(user_id, segments, now, self.pipeline_version)
             cost = StageCost(stage="extraction", seconds=time.perf_counter() - started, items=n_turns)
             return ExtractResult(summary=summary, dead_letter=None, cost=cost, attempts=1)
 
         messages, alias_map = build_extraction_prompt(segments)
-        outcome = await self.call_json(
+        outcome = await self.llm.call_json(
             messages,
             lambda content: build_summary(user_id, segments, parse_extraction(content), alias_map, self.name, now),
             f"extraction for {user_id}",

@@ -47,7 +47,7 @@ class SegmentationSettings(BaseModel):
 
 
 class STMSettings(BaseModel):
-    threshold_tokens: int = Field(default=512, ge=1, description="flush when buffered segments reach this many tokens")
+    threshold_tokens: int = Field(default=2048, ge=1, description="flush when buffered segments reach this many tokens")
     idle_timeout_s: float = Field(
         default=300.0, gt=0, description="flush a user's buffer after this long without input"
     )
@@ -64,7 +64,7 @@ class LLMSettings(BaseModel):
     backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles each retry")
     max_concurrency: int = Field(default=4, ge=1, description="LLM calls in flight per process")
     temperature: float = 0.0
-    max_output_tokens: int = 2048
+    max_output_tokens: int = 4096
 
 
 class EmbeddingSettings(BaseModel):
@@ -105,7 +105,9 @@ class SleepSettings(BaseModel):
     duplicate_threshold: float = Field(
         default=0.95, ge=-1, le=1, description="offline rule: at or above this cosine the older memory is a duplicate"
     )
-    max_candidates_per_call: int = Field(default=10, ge=1, description="older memories shown in one LLM call")
+    max_prompt_tokens: int = Field(
+        default=8000, ge=256, description="prompt budget of one batched LLM decision call (tokens, cl100k)"
+    )
     kinds: list[Literal["fact", "summary"]] = Field(
         default=["fact"], description="memory kinds compacted (each compared only with its own kind)"
     )

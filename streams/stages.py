@@ -56,6 +56,12 @@ class Stages:
     def extractor(self) -> Extractor:
         return Extractor(self.settings.llm, self.settings.pipeline_version)
 
+    def load(self) -> Stages:
+        """Build every model now (a long-running worker loads them before it takes traffic)."""
+        for name in ("encoder", "embed", "compressor", "segmenter", "extractor"):
+            getattr(self, name)
+        return self
+
     def loaded(self, name: str) -> bool:
         """Whether the model ``name`` ("encoder", "compressor", "extractor", ...) has been built."""
         return name in self.__dict__

@@ -8,8 +8,14 @@ valid extraction JSON::
      "facts": [{"text": "<speaker> (on <YYYY-MM-DD>): <text>", "sources": [n]}, ...]}   # one per non-empty turn
 
 so identical prompts give identical answers (the Kafka path can be compared with the embedded path).
-Other prompts can be answered by ``register``-ed responders (in-process only); a prompt nobody answers gets
-``{"summary": "", "facts": []}``.
+
+It answers the sleep-time compaction prompt (``streams.sleep.prompts``) too, by a rule on the texts alone:
+for each (new memory, older memory) pair shown, "delete" when the older memory is a near-duplicate of the new
+one — the same normalised words, or content-word sets with Jaccard overlap ≥ ``DUPLICATE_JACCARD`` — and
+nothing (ignore) otherwise; each older memory at most once. ``parse_compaction_prompt`` reads that prompt back.
+
+Other prompts can be answered by ``register``-ed responders (in-process only; they are asked first); a prompt
+nobody answers gets ``{"summary": "", "facts": []}``.
 
 Fault injection: ``server.inject(*faults)`` (or ``POST /control/faults {"faults": [...]}`` from another
 process) queues faults, consumed one per chat request, in order:
@@ -17,8 +23,10 @@ process) queues faults, consumed one per chat request, in order:
 - ``"500"`` / ``"429"``: that HTTP status with an OpenAI-style error body;
 - ``"timeout"``: hold the request (up to ``hang_s``, until the client disconnects) — longer than any test
   client's timeout;
-- ``"invalid_json"``: non-JSON content; ``"bad_schema"``: JSON without ``facts``; ``"bad_alias"``: the normal
-  answer with every fact's sources replaced by ``[999]``;
+- ``"invalid_json"``: non-JSON content; ``"bad_schema"``: JSON without ``facts`` (or ``decisions``);
+  ``"bad_alias"``: the normal answer with every fact's sources replaced by ``[999]`` (a compaction answer: the
+  first new memory of the prompt decides about an older memory ``999`` it was not shown, the other new
+  memories' decisions stay valid);
 - ``"fenced"`` (not a fault): the normal answer wrapped in a Markdown ```json fence;
 - ``"no_usage"`` (not a fault): the normal answer without the ``usage`` object.
 
@@ -50,11 +58,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from streams.sleep.decide import normalise
+from streams.sleep.prompts import COMPACTION_SYSTEM_PROMPT, COMPARE_PREFIX, NEW_HEADER, OLDER_HEADER
 from streams.tokens import count_messages_tokens, count_tokens
 
 FAULTS = ("500", "429", "timeout", "invalid_json", "bad_schema", "bad_alias", "fenced", "no_usage")
 TURN_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2}) \d{2}:\d{2}\) (.+?):(?: (.*))?$")
 SUMMARY_WORDS = 8
+MEMORY_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2} \d{2}:\d{2})\) (.*)$")
+DUPLICATE_JACCARD = 0.75
 
 Responder = Callable[[list[dict[str, Any]]], str | None]
 
@@ -93,6 +105,67 @@ def extraction_answer(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
             {"text": f"{speaker} (on {date}): {body}", "sources": [alias]} for alias, date, speaker, body in spoken
         ],
     }
+
+
+# -- the compaction prompt, read back -------------------------------------------------------------------------
+
+Memory = tuple[int, str, str]  # (alias, "YYYY-MM-DD HH:MM", text)
+
+
+def is_compaction_prompt(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("role") == "system" and m.get("content") == COMPACTION_SYSTEM_PROMPT for m in messages)
+
+
+def parse_compaction_prompt(messages: list[dict[str, Any]]) -> list[tuple[Memory, list[Memory]]]:
+    """Every new memory of a compaction prompt with the memories it is compared with, in prompt order."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users or not isinstance(users[-1].get("content"), str):
+        raise ValueError("not a compaction prompt: no user message")
+    shown: dict[int, Memory] = {}
+    targets: list[tuple[int, list[int]]] = []
+    section = ""
+    for line in users[-1]["content"].splitlines():
+        if line in (NEW_HEADER, OLDER_HEADER):
+            section = line
+            continue
+        if section == NEW_HEADER and line.startswith(COMPARE_PREFIX) and targets:
+            targets[-1][1].extend(int(a) for a in line[len(COMPARE_PREFIX) :].split(","))
+            continue
+        match = MEMORY_LINE.match(line)
+        if not match:
+            continue
+        item = (int(match.group(1)), match.group(2), match.group(3))
+        shown[item[0]] = item
+        if section == NEW_HEADER:
+            targets.append((item[0], []))
+    if not targets or any(not older for _, older in targets):
+        raise ValueError("not a compaction prompt: missing the new memories or what they are compared with")
+    return [(shown[new], [shown[a] for a in older]) for new, older in targets]
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in normalise(text).split() if len(w) > 2}
+
+
+def near_duplicate(new: str, old: str) -> bool:
+    if normalise(new) == normalise(old):
+        return True
+    a, b = _words(new), _words(old)
+    return bool(a and b) and len(a & b) / len(a | b) >= DUPLICATE_JACCARD
+
+
+def compaction_answer(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The deterministic decisions for a compaction prompt (see the module docstring), or None for another."""
+    if not is_compaction_prompt(messages):
+        return None
+    decisions = []
+    decided: set[int] = set()
+    for (new, _, new_text), older in parse_compaction_prompt(messages):
+        for old, _, old_text in older:
+            if old not in decided and near_duplicate(new_text, old_text):
+                decided.add(old)
+                decisions.append({"new": new, "old": old, "action": "delete", "reason": "near-duplicate"})
+    return {"decisions": decisions}
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -242,6 +315,12 @@ class LLMServer:
             content = "Sure! Here are the facts: the user likes tea (not JSON at all"
         elif fault == "bad_schema":
             content = json.dumps({"summary": "missing the facts key"})
+        elif fault == "bad_alias" and is_compaction_prompt(messages):
+            data = json.loads(content)
+            first = parse_compaction_prompt(messages)[0][0][0]
+            kept = [d for d in data["decisions"] if d.get("new") != first]
+            data["decisions"] = [{"new": first, "old": 999, "action": "delete", "reason": "invented"}, *kept]
+            content = json.dumps(data)
         elif fault == "bad_alias":
             data = json.loads(content)
             facts = data.get("facts") or [{"text": "an invented fact", "sources": []}]
@@ -285,7 +364,7 @@ class LLMServer:
             answer = responder(messages)
             if answer is not None:
                 return answer
-        data = extraction_answer(messages)
+        data = compaction_answer(messages) or extraction_answer(messages)
         return json.dumps(data if data is not None else {"summary": "", "facts": []}, ensure_ascii=False)
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -301,12 +301,12 @@ async def test_happy_path_through_the_server(llm: LLMServer) -> None:
     segments = batch()
     turns = all_turns(segments)
     async with Extractor(llm_settings(llm), PIPELINE) as extractor:
-        assert extractor.name == "llm:test-model"
+        assert extractor.name == "llm:test-model/extract/v2"
         result = await extractor.extract(USER, segments, NOW)
 
     summary = result.unwrap()
     assert result.dead_letter is None and result.attempts == 1
-    assert summary.extractor == "llm:test-model"
+    assert summary.extractor == "llm:test-model/extract/v2"
     assert summary.summary == "Caroline and Melanie and user discussed: I went to the LGBTQ support group yesterday"
     assert [f.text for f in summary.facts] == [
         "Caroline (on 2023-05-08): I went to the LGBTQ support group yesterday",

@@ -273,8 +273,10 @@ def test_naive_rag_prefetch_batches_queries():
         return toy_embed(texts)
 
     turns = _turns("u", DOCS)
-    qas = [QAItem(f"u:q{i}", q, None, "1", [turns[i].turn_id], ["s1"], None, False, False, [])
-           for i, q in enumerate(["cat", "weather", "sister quantum"])]
+    qas = [
+        QAItem(f"u:q{i}", q, None, "1", [turns[i].turn_id], ["s1"], None, False, False, [])
+        for i, q in enumerate(["cat", "weather", "sister quantum"])
+    ]
     r = NaiveRAGRetriever(counting_embed)
     r.fit(turns)
     qes = evaluate_retriever([Conversation("u", turns, qas, "test")], r, 1)

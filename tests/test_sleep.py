@@ -22,16 +22,21 @@ from schemas.records import MemoryChange, MemoryRecord
 from streams import ids
 from streams.settings import Settings, SleepSettings, StoreSettings
 from streams.sleep import ChangeLog, Compactor, RevertError, Watermarks, apply_changes, build_revert
-from streams.sleep.compact import build_changes, select_targets
-from streams.sleep.decide import Candidate, Decider, Decision, InvalidDecision, offline_decisions, parse_decisions
-from streams.sleep.prompts import (
-    COMPACTION_PROMPT_VERSION,
-    build_compaction_prompt,
-    is_compaction_prompt,
-    parse_compaction_prompt,
+from streams.sleep.compact import build_changes, overlay_changes, reconcile, select_targets
+from streams.sleep.decide import (
+    Candidate,
+    Decider,
+    Decision,
+    InvalidDecision,
+    neighbourhoods,
+    offline_decisions,
+    parse_batch,
+    plan_batches,
+    prompt_tokens,
 )
+from streams.sleep.prompts import COMPACTION_PROMPT_VERSION, PromptTarget, build_compaction_prompt
 from tests.fixtures_llm import llm_settings
-from tests.llm_server import LLMServer
+from tests.llm_server import LLMServer, compaction_answer, is_compaction_prompt, parse_compaction_prompt
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -72,12 +77,20 @@ class CompactionLLM:
     def _answer(self, messages: list[dict[str, Any]]) -> str | None:
         if not is_compaction_prompt(messages):
             return None
-        new, older = parse_compaction_prompt(messages)
-        return json.dumps({"decisions": self.policy(new, older)})
+        decisions = [
+            {"new": new[0], "old": d["id"], **{k: v for k, v in d.items() if k != "id"}}
+            for new, older in parse_compaction_prompt(messages)
+            for d in self.policy(new, older)
+        ]
+        return json.dumps({"decisions": decisions})
 
     def prompts(self) -> list[tuple[tuple[int, str, str], list[tuple[int, str, str]]]]:
+        """Every new memory shown to the LLM with what it was compared with (all calls, in order)."""
         return [
-            parse_compaction_prompt(r["messages"]) for r in self.server.requests if is_compaction_prompt(r["messages"])
+            target
+            for r in self.server.requests
+            if is_compaction_prompt(r["messages"])
+            for target in parse_compaction_prompt(r["messages"])
         ]
 
 
@@ -110,38 +123,146 @@ def run(coro: Any) -> Any:
 
 
 def test_prompt_shows_integer_aliases_and_parses_back() -> None:
-    new = mem("u", "Alice moved to Berlin.", 2, 5)
-    older = [mem("u", "Alice lives in\nParis.", 1, 1), mem("u", "Alice likes Paris.", 0, 0)]
-    messages, alias_map = build_compaction_prompt(new, older)
-    text = messages[-1]["content"]
-    assert new.memory_id not in text and all(o.memory_id not in text for o in older)
-    assert is_compaction_prompt(messages)
-    (na, nt, ntext), parsed = parse_compaction_prompt(messages)
-    assert (na, ntext) == (0, "Alice moved to Berlin.") and nt == "2024-03-06 09:00"
-    assert [(a, t) for a, _, t in parsed] == [(1, "Alice lives in Paris."), (2, "Alice likes Paris.")]
-    assert alias_map == {1: older[0], 2: older[1]}
-    assert COMPACTION_PROMPT_VERSION == "compact/v1"
+    a_old, b_old = mem("u", "Alice lives in\nParis.", 1, 1), mem("u", "Alice likes Paris.", 0, 0)
+    first = mem("u", "Alice moved to Berlin.", 2, 5)
+    second = mem("u", "Alice loves Berlin.", 3, 6)
+    prompt = build_compaction_prompt(
+        [PromptTarget(first, (a_old, b_old)), PromptTarget(second, (first, b_old))]  # b_old shared, first both
+    )
+    text = prompt.messages[-1]["content"]
+    assert all(r.memory_id not in text for r in (a_old, b_old, first, second))
+    assert text.count("Alice likes Paris.") == 1 and text.count("Alice moved to Berlin.") == 1  # each shown once
+    assert is_compaction_prompt(prompt.messages)
+    parsed = parse_compaction_prompt(prompt.messages)
+    assert [(n[0], n[2]) for n, _ in parsed] == [(1, "Alice moved to Berlin."), (2, "Alice loves Berlin.")]
+    assert parsed[0][0][1] == "2024-03-06 09:00"
+    assert [(x[0], x[2]) for x in parsed[0][1]] == [(3, "Alice lives in Paris."), (4, "Alice likes Paris.")]
+    assert [(x[0], x[2]) for x in parsed[1][1]] == [(1, "Alice moved to Berlin."), (4, "Alice likes Paris.")]
+    assert prompt.aliases == {1: first, 2: second, 3: a_old, 4: b_old}
+    assert prompt.compare == {1: (3, 4), 2: (1, 4)} and set(prompt.targets) == {1, 2}
+    assert COMPACTION_PROMPT_VERSION == "compact/v2"
 
 
-def test_parse_decisions_validates_ids_and_update_text() -> None:
-    a, b = mem("u", "one", 0, 0), mem("u", "two", 1, 1)
-    alias = {1: a, 2: b}
-    out = parse_decisions('```json\n{"decisions": [{"id": 2, "action": "delete", "reason": "dup"}]}\n```', alias)
-    assert out == [
-        Decision(a.memory_id, "ignore", None, "not decided by the LLM"),
-        Decision(b.memory_id, "delete", None, "dup"),
-    ]
+def test_parse_batch_validates_per_target() -> None:
+    a, b, c = mem("u", "one", 0, 0), mem("u", "two", 1, 1), mem("u", "three", 2, 2)
+    t1, t2 = mem("u", "new one", 3, 3), mem("u", "new two", 4, 4)
+    prompt = build_compaction_prompt([PromptTarget(t1, (a, b)), PromptTarget(t2, (c,))])  # t1=1, t2=2, a,b,c=3,4,5
+    out = parse_batch(
+        '```json\n{"decisions": [{"new": 1, "old": 4, "action": "delete", "reason": "dup"}]}\n```', prompt
+    )
+    assert out == {
+        1: [
+            Decision(a.memory_id, "ignore", None, "left as it is by the LLM"),
+            Decision(b.memory_id, "delete", None, "dup"),
+        ],
+        2: [Decision(c.memory_id, "ignore", None, "left as it is by the LLM")],
+    }
+    # one target's bad decision does not spoil the other's
     for bad, kind in [
-        ('{"decisions": [{"id": 7, "action": "delete"}]}', "InvalidAlias"),
-        ('{"decisions": [{"id": 1, "action": "delete"}, {"id": 1, "action": "ignore"}]}', "InvalidAlias"),
-        ('{"decisions": [{"id": 1, "action": "update"}]}', "SchemaViolation"),
-        ('{"decisions": [{"id": 1, "action": "merge"}]}', "SchemaViolation"),
+        ('{"new": 1, "old": 5, "action": "delete"}', "InvalidAlias"),  # 5 is not compared with 1
+        ('{"new": 1, "old": 3, "action": "delete"}, {"new": 1, "old": 3, "action": "ignore"}', "InvalidAlias"),
+        ('{"new": 1, "old": 3, "action": "update"}', "SchemaViolation"),
+        ('{"new": 1, "old": 3, "action": "merge"}', "SchemaViolation"),
+    ]:
+        out = parse_batch('{"decisions": [' + bad + ', {"new": 2, "old": 5, "action": "delete"}]}', prompt)
+        assert isinstance(out[1], InvalidDecision) and out[1].error_type == kind, bad
+        assert out[2] == [Decision(c.memory_id, "delete", None, "")]
+    # the answer as a whole unusable: raised (the client asks again)
+    for bad, kind in [
+        ('{"decisions": [{"new": 7, "old": 3, "action": "delete"}]}', "InvalidAlias"),
+        ('{"decisions": [{"old": 3, "action": "delete"}]}', "InvalidAlias"),
+        ('{"verdicts": []}', "SchemaViolation"),
+        (
+            '{"decisions": [{"new": 1, "old": 9, "action": "delete"}, {"new": 2, "old": 9, "action": "delete"}]}',
+            "InvalidAlias",
+        ),
         ("not json", "InvalidJSON"),
         ("", "EmptyResponse"),
     ]:
         with pytest.raises(InvalidDecision) as exc:
-            parse_decisions(bad, alias)
-        assert exc.value.error_type == kind
+            parse_batch(bad, prompt)
+        assert exc.value.error_type == kind, bad
+
+
+def test_batches_follow_neighbourhoods_within_the_budget() -> None:
+    old = [
+        mem("u", f"Alice fact number {i} about her many hobbies and places she has visited.", i, i) for i in range(40)
+    ]
+    new = [mem("u", f"Alice new fact {i}.", 100 + i, 50 + i) for i in range(20)]
+    # targets 0..9 share candidates pairwise (a chain), targets 10..19 are each alone
+    targets = [PromptTarget(new[i], (old[i], old[i + 1])) for i in range(10)]
+    targets += [PromptTarget(new[i], (old[i + 15],)) for i in range(10, 20)]
+    groups = neighbourhoods(targets)
+    assert groups[0] == list(range(10)) and all(len(g) == 1 for g in groups[1:]) and len(groups) == 11
+    big = plan_batches(targets, 100_000)
+    assert len(big) == 1 and len(big[0]) == 20
+    prompt = build_compaction_prompt(big[0])
+    assert len(prompt.aliases) == 20 + 11 + 10  # shared candidates shown once
+    budget = prompt_tokens(targets[:10]) + 60  # the chain fits, not much more (the estimate is a bit cautious)
+    small = plan_batches(targets, budget)
+    assert small[0][:10] == targets[:10]  # a neighbourhood stays together
+    assert [t for b in small for t in b] == targets and len(small) > 1
+    assert all(prompt_tokens(b) <= budget for b in small)
+    tiny = plan_batches(targets, 300)  # below one neighbourhood: split, each target still decided
+    assert [t for b in tiny for t in b] == targets and all(b for b in tiny)
+
+
+def test_decider_batches_exact_rule_first_and_retries_a_bad_target_alone() -> None:
+    """Through the test server's own rule (near-duplicates deleted): one call for three targets, the identical
+    text decided without a call, a target with an invalid answer retried alone, then dead-lettered."""
+    cat_old = mem("u", "Ann has a cat named Miso who is three years old.", 0, 0)
+    job_old = mem("u", "Ann works as a nurse in Lyon.", 1, 1)
+    tea_old = mem("u", "Ann drinks green tea every morning.", 2, 2)
+    cat_new = mem("u", "Ann has a cat named Miso who is three years old now.", 3, 5)  # near-duplicate
+    job_new = mem("u", "Ann now works as a teacher in Paris.", 4, 6)
+    tea_new = mem("u", "ann drinks green tea every morning!", 5, 7)  # identical once normalised
+    plans = [
+        (cat_new, [Candidate(cat_old, 0.95), Candidate(job_old, 0.81)]),
+        (job_new, [Candidate(job_old, 0.86)]),
+        (tea_new, [Candidate(tea_old, 0.99)]),
+    ]
+    now = T0 + timedelta(days=9)
+
+    async def decide(server: LLMServer) -> Any:
+        decider = Decider(llm_settings(server), SleepSettings(), "pv")
+        try:
+            return await decider.decide(plans, now)
+        finally:
+            await decider.aclose()
+
+    with LLMServer() as server:
+        result = run(decide(server))
+        assert result.cost.calls == 1 and result.batches == 1 and result.dead_letters == []
+        (body,) = server.requests
+        ((new1, older1), (new2, older2)) = parse_compaction_prompt(body["messages"])  # the tea pair needed no call
+        assert (new1[2], new2[2]) == (cat_new.text, job_new.text) and older2[0] == older1[1]  # job_old shown once
+        got = {t: [(d.memory_id, d.action, d.model) for d in ds] for t, ds in result.decisions.items()}
+        assert got == {
+            cat_new.memory_id: [(cat_old.memory_id, "delete", None), (job_old.memory_id, "ignore", None)],
+            job_new.memory_id: [(job_old.memory_id, "ignore", None)],
+            tea_new.memory_id: [(tea_old.memory_id, "delete", "exact-rule")],
+        }
+        assert compaction_answer(body["messages"]) == {
+            "decisions": [{"new": 1, "old": 3, "action": "delete", "reason": "near-duplicate"}]
+        }
+
+        server.reset()
+        server.inject("bad_alias")  # the first target's answer is invalid; the second's stands
+        result = run(decide(server))
+        assert result.cost.calls == 2 and result.batches == 2 and result.dead_letters == []
+        assert [len(parse_compaction_prompt(r["messages"])) for r in server.requests] == [2, 1]  # retried alone
+        assert [d.action for d in result.decisions[cat_new.memory_id]] == ["delete", "ignore"]
+
+        server.reset()
+        server.inject("bad_alias", *["bad_alias"] * 4)  # ... and its retries alone fail too (1 + 3 retries)
+        result = run(decide(server))
+        assert result.cost.calls == 1 + 4
+        (dead,) = result.dead_letters
+        assert dead.stage == "compact" and dead.attempts == 4 and dead.error_type == "InvalidAlias"
+        assert json.loads(dead.payload)["target"]["memory_id"] == cat_new.memory_id
+        assert cat_new.memory_id not in result.decisions or result.decisions[cat_new.memory_id] == []
+        assert [d.action for d in result.decisions[job_new.memory_id]] == ["ignore"]  # the rest of the batch stands
+        assert [d.action for d in result.decisions[tea_new.memory_id]] == ["delete"]
 
 
 def test_offline_rule() -> None:
@@ -190,6 +311,38 @@ def test_delete_keeps_provenance_and_record() -> None:
     again = build_changes(target, cands, decisions, "llm:test", "pv", now + timedelta(hours=1))
     assert [c.change_id for c in again] == [c.change_id for c in changes]
     assert len({c.change_id for c in changes}) == 3
+
+
+def test_decisions_made_together_are_reconciled_in_target_order() -> None:
+    """Two targets decided in one batch both act on the same older memories: the first decision stands, the
+    later one is recorded as an ignore; a memory that only gained provenance is taken in its current state."""
+    x, y = mem("u", "Ann lives in Paris.", 0, 0), mem("u", "Ann has a dog.", 1, 1)
+    a, b = mem("u", "Ann moved to Berlin.", 2, 2), mem("u", "Ann lives in Berlin with a dog.", 3, 3)
+    now = T0 + timedelta(days=9)
+    overlay: dict[str, MemoryRecord | None] = {}
+    first = [Decision(x.memory_id, "delete", reason="moved"), Decision(y.memory_id, "update", "Ann has a dog, Rex.")]
+    cands_a = [Candidate(x, 0.9), Candidate(y, 0.85)]
+    c_a, d_a = reconcile(cands_a, first, overlay)
+    changes_a = build_changes(a, c_a, d_a, "m", "pv", now)
+    overlay_changes(overlay, changes_a)
+    later = [
+        Decision(x.memory_id, "delete", reason="dup"),
+        Decision(y.memory_id, "update", "Ann has a dog and lives in Berlin."),
+        Decision(a.memory_id, "delete", reason="superseded"),
+    ]
+    c_b, d_b = reconcile([Candidate(x, 0.9), Candidate(y, 0.8), Candidate(a, 0.9)], later, overlay)
+    assert [(d.memory_id, d.action) for d in d_b] == [
+        (x.memory_id, "ignore"),  # already deleted by the first target
+        (y.memory_id, "ignore"),  # already rewritten
+        (a.memory_id, "delete"),  # only gained provenance (absorbed x): deleted in its current state
+    ]
+    assert "already deleted" in d_b[0].reason and "already rewritten" in d_b[1].reason
+    assert c_b[2].record.version == 2 and set(c_b[2].record.source_turn_ids) == {*a.source_turn_ids, *x.source_turn_ids}
+    changes_b = build_changes(b, c_b, d_b, "m", "pv", now)
+    (absorb,) = [c for c in changes_b if c.memory_id == b.memory_id]
+    assert absorb.new_record is not None  # b keeps the evidence of a and, through a, of x
+    assert set(absorb.new_record.source_turn_ids) == {*a.source_turn_ids, *b.source_turn_ids, *x.source_turn_ids}
+    assert len({c.change_id for c in changes_a + changes_b}) == len(changes_a) + len(changes_b)
 
 
 def test_changelog_dedups_and_forgets(tmp_path: Path) -> None:
@@ -309,7 +462,7 @@ def test_update_reembeds_and_bumps_version(tmp_path, world, encoder, compaction_
     assert store.search("alice", "pediatric", None, 1, mode="sparse")[0].record.memory_id == old.memory_id
     change = ChangeLog.in_dir(settings.data_dir).for_memory(old.memory_id)[0]
     assert (change.old_text, change.new_text, change.old_version, change.new_version) == (old.text, rewritten, 1, 2)
-    assert change.model == "llm:test-model" and change.caused_by == [new.memory_id]
+    assert change.model == "llm:test-model/compact/v2" and change.caused_by == [new.memory_id]
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import typer
 
-from streams.cli import embedded, eval, memory, stream
+from streams.cli import embedded, memory, stream
+from streams.cli import eval as evaluation
 
 app = typer.Typer(
     name="lightmem",
@@ -22,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for group in (embedded, memory, stream, eval):
+for group in (embedded, memory, stream, evaluation):
     app.add_typer(group.app)  # a group added without a name: its commands join the top level
 
 __all__ = ["app", "main"]

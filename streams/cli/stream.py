@@ -169,6 +169,7 @@ def worker(
         standby_replicas=w.standby_replicas,
         session_timeout_s=w.session_timeout_s,
     )
+    shell.stages.load()  # models load before the worker joins the group, not on its first message
     err.print(
         f"worker {settings.kafka.app_id} at {settings.kafka.bootstrap_servers}: compressor "
         f"{shell.stages.compressor.name}, extractor {shell.stages.extractor.name}, idle timeout "

@@ -6,23 +6,22 @@ prompt follows the published LongMemEval/LoCoMo practice of one rubric per quest
 temporal questions tolerate off-by-one day counts, knowledge updates accept the latest value, preference
 questions are judged against a rubric, abstention/adversarial questions are correct when the answer declines.
 
-Calls go to any OpenAI-compatible endpoint (``LLMSettings.base_url``) through the ``openai`` client; each call's
-tokens come from ``usage`` when the server reports it, else are counted with cl100k_base.
+Calls go to any OpenAI-compatible endpoint (``LLMSettings.base_url``) through the product's one LLM client
+(``streams.llm.LLMClient``: retries, the process-wide concurrency limit, token counts from ``usage`` or
+cl100k_base); the questions of a call to ``judge_many`` run concurrently under that limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from streams.llm import LLMClient, describe_error
 from streams.settings import LLMSettings
-from streams.tokens import count_messages_tokens, count_tokens
 
 __all__ = [
     "JUDGE_PROMPT_VERSION",
@@ -174,58 +173,41 @@ class JudgeVerdict:
 
 
 class Judge:
-    """Answers and grades questions through an OpenAI-compatible endpoint (thread pool of ``max_concurrency``)."""
+    """Answers and grades questions through an OpenAI-compatible endpoint; holds the LLM client."""
 
-    def __init__(self, settings: LLMSettings) -> None:
+    def __init__(self, settings: LLMSettings, client: LLMClient | None = None) -> None:
         if not settings.base_url:
             raise JudgeUnavailable(
                 "--judge needs an OpenAI-compatible endpoint: set LIGHTMEM_LLM__BASE_URL (and LIGHTMEM_LLM__MODEL, "
                 "LIGHTMEM_LLM__API_KEY); recall metrics need no LLM and run without --judge"
             )
-        import openai
-
         self.settings = settings
         self.model = settings.model
-        self._client = openai.OpenAI(
-            base_url=settings.base_url,
-            api_key=settings.api_key.get_secret_value(),
-            timeout=settings.timeout_s,
-            max_retries=settings.max_retries,
-        )
-        self._lock = threading.Lock()
+        self.llm = client if client is not None else LLMClient(settings)
+        self.name = self.llm.label(JUDGE_PROMPT_VERSION)
 
-    def _chat(self, messages: list[dict[str, str]], max_tokens: int, cost: JudgeCost) -> str:
-        t0 = time.perf_counter()
-        try:
-            resp = self._client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=0.0,
-                max_tokens=max_tokens,
-            )
-        finally:
-            cost.calls += 1
-            cost.seconds += time.perf_counter() - t0
-        text = (resp.choices[0].message.content or "") if resp.choices else ""
-        usage = getattr(resp, "usage", None)
-        if usage is not None and usage.prompt_tokens is not None:
-            cost.input_tokens += int(usage.prompt_tokens)
-            cost.output_tokens += int(usage.completion_tokens or 0)
-        else:
-            cost.input_tokens += count_messages_tokens(messages)
-            cost.output_tokens += count_tokens(text)
-        return text
+    async def _chat(self, messages: list[dict[str, str]], max_tokens: int, cost: JudgeCost, label: str) -> str:
+        outcome = await self.llm.call_text(messages, label, max_tokens=max_tokens)
+        cost.calls += outcome.calls
+        cost.input_tokens += outcome.input_tokens
+        cost.output_tokens += outcome.output_tokens
+        cost.seconds += outcome.seconds
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value or ""
 
-    def judge_one(self, qa: Any, contexts: Sequence[str]) -> JudgeVerdict:
+    async def judge(self, qa: Any, contexts: Sequence[str]) -> JudgeVerdict:
         """Answer ``qa`` (a ``streams.loaders.QAItem``) from ``contexts`` and grade the answer."""
         cost = JudgeCost()
         try:
-            answer = self._chat(answer_messages(qa.question, contexts, qa.question_date), 200, cost).strip()
-            raw = self._chat(
+            answer = await self._chat(
+                answer_messages(qa.question, contexts, qa.question_date), 200, cost, f"answer {qa.question_id}"
+            )
+            raw = await self._chat(
                 judge_messages(
                     qa.question,
                     qa.answer,
-                    answer,
+                    answer.strip(),
                     qa.category,
                     is_abstention=qa.is_abstention,
                     is_adversarial=qa.is_adversarial,
@@ -233,21 +215,33 @@ class Judge:
                 ),
                 5,
                 cost,
-            ).strip()
+                f"judge {qa.question_id}",
+            )
         except Exception as exc:  # noqa: BLE001 - a failed question is recorded, never dropped silently
             cost.failures += 1
-            return JudgeVerdict(qa.question_id, "", None, "", f"{type(exc).__name__}: {exc}", cost)
-        return JudgeVerdict(qa.question_id, answer, parse_verdict(raw), raw, None, cost)
+            error_type, reason = describe_error(exc)
+            return JudgeVerdict(qa.question_id, "", None, "", f"{error_type}: {reason}", cost)
+        return JudgeVerdict(qa.question_id, answer.strip(), parse_verdict(raw), raw.strip(), None, cost)
+
+    def judge_one(self, qa: Any, contexts: Sequence[str]) -> JudgeVerdict:
+        """``judge`` from synchronous code."""
+        return self.judge_many([(qa, contexts)])[0]
 
     def judge_many(self, jobs: Sequence[tuple[Any, Sequence[str]]]) -> list[JudgeVerdict]:
-        """Judge ``(qa, contexts)`` pairs concurrently; results in input order."""
+        """Judge ``(qa, contexts)`` pairs concurrently (bounded by the client's limit); results in input order."""
         if not jobs:
             return []
-        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
-            return list(pool.map(lambda job: self.judge_one(*job), jobs))
+
+        async def run_all() -> list[JudgeVerdict]:
+            try:
+                return list(await asyncio.gather(*(self.judge(qa, contexts) for qa, contexts in jobs)))
+            finally:
+                await self.llm.aclose()  # its connections belong to this loop; the next call builds new ones
+
+        return asyncio.run(run_all())
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing to release between calls (``judge_many`` closes its connections); kept for callers."""
 
 
 def summarise(verdicts: Sequence[dict[str, Any]], groups: dict[str, str]) -> dict[str, dict[str, Any]]:

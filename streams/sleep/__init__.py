@@ -1,7 +1,7 @@
 """Sleep-time update: LightMem's offline consolidation of long-term memory, incremental and reversible.
 
 - ``compact``  — per-user watermark, new memories × their k nearest EARLIER memories, change records, the runner;
-- ``decide``   — update / delete / ignore per candidate: one LLM call per new memory, or the offline rule;
+- ``decide``   — update / delete / ignore per candidate: the exact rule, batched LLM calls, or the offline rule;
 - ``prompts``  — the versioned compaction prompt and its response model;
 - ``apply``    — applying (re-embedding) and reverting changes; shared by the embedded runner and the Kafka sink;
 - ``changelog``— the embedded change log (audit trail, history, revert) and the watermarks.

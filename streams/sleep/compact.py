@@ -19,8 +19,11 @@ turns of the batch; rewriting or deleting it against facts would blur provenance
 "the same memory". With ``sleep.kinds = ["fact", "summary"]`` summaries are compacted too, each only against
 earlier summaries.
 
-**Decisions** (``streams.sleep.decide``): update / delete / ignore for each candidate, by the LLM or the offline
-rule. **Evidence is never lost**:
+**Decisions** (``streams.sleep.decide``): update / delete / ignore for each candidate, by the exact rule (same
+normalised text: delete, no call), then the LLM — the user's targets in a few BATCHED calls, grouped by
+overlapping neighbourhoods within ``sleep.max_prompt_tokens`` — or the offline rule. So the LLM bill follows the
+new memories that have close earlier neighbours, in batches, not one call per memory. **Evidence is never
+lost**:
 
 - ``delete`` of an older memory (superseded by the target): the target absorbs the deleted memory's
   ``source_turn_ids``, ``event_timestamps`` and ``session_ids`` — an ``update`` change of the target with the
@@ -30,11 +33,13 @@ rule. **Evidence is never lost**:
 
 **Changes are events**: every decision (ignores too — they are the audit trail) is a ``MemoryChange`` whose
 ``change_id`` is a uuid5 of (memory id, its version, action, the memories that caused it), so a resumed run that
-decides the same thing produces the same ids. Targets are examined one after the other, and the run keeps an
-overlay of its own changes (updated records, deleted ids), so a later target sees what an earlier one changed
-even before the store does. Embedded: each target's changes are appended to the change log at once, and the
-user's changes are applied (``streams.sleep.apply``: one embedding batch) when the user is done. Kafka: they are
-produced to the memory-changes topic and the LTM sink applies them.
+decides the same thing produces the same ids. Candidates are found for every target first and decided
+together; changes are then built target after target, oldest first, over an overlay of the run's own changes
+(updated records, deleted ids): a candidate an earlier target deleted is not touched again, one it rewrote is
+not rewritten again (``reconcile``) — the first decision stands, and each ignored decision is still recorded.
+Embedded: each target's changes are appended to the change log at once, and the user's changes are applied
+(``streams.sleep.apply``: one embedding batch) when the user is done. Kafka: they are produced to the
+memory-changes topic and the LTM sink applies them.
 
 **Resuming.** The watermark of a user moves (to the newest ``updated_at`` among its targets) only after all of
 that user's changes are applied; a run that dies half-way redoes only unfinished users. Embedded, a user's
@@ -167,7 +172,7 @@ def build_changes(
             "old_version": old.version,
             "reason": d.reason,
             "caused_by": [target.memory_id],
-            "model": model,
+            "model": d.model or model,
             "pipeline_version": pipeline_version,
             "at": now,
         }
@@ -232,6 +237,30 @@ def overlay_changes(overlay: dict[str, MemoryRecord | None], changes: Sequence[M
             overlay[c.memory_id] = None
 
 
+def reconcile(
+    candidates: Sequence[Candidate], decisions: Sequence[Decision], overlay: dict[str, MemoryRecord | None]
+) -> tuple[list[Candidate], list[Decision]]:
+    """A target's candidates and decisions against this run's earlier changes (decisions of one batch were made
+    together): a candidate deleted meanwhile is not touched again (its decision becomes an ``ignore``); a
+    candidate whose text was rewritten meanwhile is not rewritten again (the first rewrite stands); a candidate
+    that only gained provenance is taken in its current state."""
+    now_candidates = [Candidate(overlay.get(c.record.memory_id, c.record) or c.record, c.score) for c in candidates]
+    shown = {c.record.memory_id: c.record for c in candidates}
+    out: list[Decision] = []
+    for d in decisions:
+        if d.action == "ignore" or d.memory_id not in overlay:
+            out.append(d)
+            continue
+        current = overlay[d.memory_id]
+        if current is None:
+            out.append(Decision(d.memory_id, "ignore", reason=f"already deleted in this run (decided: {d.action})"))
+        elif d.action == "update" and current.text != shown[d.memory_id].text:
+            out.append(Decision(d.memory_id, "ignore", reason="already rewritten in this run (decided: update)"))
+        else:
+            out.append(d)
+    return now_candidates, out
+
+
 # -- reports ---------------------------------------------------------------------------------------------
 
 
@@ -245,6 +274,7 @@ class UserRun:
     changes: list[MemoryChange] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     recovered: int = 0
+    batches: int = 0
     cost: StageCost = field(default_factory=lambda: StageCost(stage="compaction"))
 
     @property
@@ -368,29 +398,34 @@ class Compactor:
             # the not-earlier counts only size a search's first page (it deepens while hits fill it), so counting
             # among the memories changed since the watermark rather than all of them changes no result
             created = sorted(r.created_at for r in records)
-            overlay: dict[str, MemoryRecord | None] = {}
+            plans: list[tuple[MemoryRecord, list[Candidate]]] = []
             for target in targets:
-                current = overlay.get(target.memory_id, target)
                 vector = vectors.get(target.memory_id)
-                if current is None or vector is None:
+                if vector is None:
                     continue
                 t1 = time.perf_counter()
-                not_earlier = len(created) - bisect.bisect_left(created, current.created_at)
-                candidates = find_candidates(
-                    self.store, current, vector, sleep, not_earlier=not_earlier, overlay=overlay
-                )
+                not_earlier = len(created) - bisect.bisect_left(created, target.created_at)
+                candidates = find_candidates(self.store, target, vector, sleep, not_earlier=not_earlier)
                 self.report.search_seconds += time.perf_counter() - t1
-                if not candidates:
+                if candidates:
+                    plans.append((target, candidates))
+                    run.candidates += len(candidates)
+            now = datetime.now(UTC)
+            result = await self.decider.decide(plans, now)
+            cost = add_costs(cost, result.cost.model_copy(update={"items": 0, "seconds": 0.0}))
+            run.batches += result.batches
+            for dead in result.dead_letters:
+                self.dead_letters.send(dead)
+            run.dead_letters.extend(result.dead_letters)
+            overlay: dict[str, MemoryRecord | None] = {}
+            for target, candidates in plans:  # oldest first: a later target sees what an earlier one changed
+                decisions = result.decisions.get(target.memory_id, [])
+                current = overlay.get(target.memory_id, target)
+                if current is None or not decisions:
                     continue
-                run.candidates += len(candidates)
-                now = datetime.now(UTC)
-                result = await self.decider.decide(current, candidates, now)
-                cost = add_costs(cost, result.cost.model_copy(update={"items": 0, "seconds": 0.0}))
-                for dead in result.dead_letters:
-                    self.dead_letters.send(dead)
-                run.dead_letters.extend(result.dead_letters)
+                now_candidates, now_decisions = reconcile(candidates, decisions, overlay)
                 changes = build_changes(
-                    current, candidates, result.decisions, self.model, self.settings.pipeline_version, now
+                    current, now_candidates, now_decisions, self.model, self.settings.pipeline_version, now
                 )
                 await self.emit(changes)
                 overlay_changes(overlay, changes)
