@@ -128,18 +128,26 @@ def _versions() -> dict[str, Any]:
     return v
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What the results record about the run itself."""
+
+    stats: RunStats
+    data_sha: str
+    fingerprint: Mapping[str, Any]
+    started: datetime
+    wall_s: float
+
+
 def results(
     opts: EvalOptions,
     settings: Settings,
     models: Any,
     convs: Sequence[Conversation],
     units: Sequence[Unit],
-    stats: RunStats,
-    data_sha: str,
-    fp: Mapping[str, Any],
-    started: datetime,
-    wall_s: float,
+    facts: RunFacts,
 ) -> dict[str, Any]:
+    stats, data_sha, fp, started, wall_s = facts.stats, facts.data_sha, facts.fingerprint, facts.started, facts.wall_s
     ks = list(opts.ks)
     systems = []
     by_user = {c.user_id: c for c in convs}

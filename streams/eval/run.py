@@ -71,7 +71,7 @@ from streams.eval.options import (
     grid,
     load_benchmark,
 )
-from streams.eval.results import RunStats, Unit, results
+from streams.eval.results import RunFacts, RunStats, Unit, results
 from streams.eval.systems import COST_FIELDS, BaselineSystem, CountingStages, LightMemSystem, System
 from streams.loaders import Conversation
 from streams.settings import Settings
@@ -256,9 +256,8 @@ def run_eval(
     if judge is not None:
         judge.close()
 
-    out = results(
-        opts, settings, run.models, convs, units, run.stats, data_sha, fp, started, time.perf_counter() - t_run
-    )
+    facts = RunFacts(run.stats, data_sha, fp, started, time.perf_counter() - t_run)
+    out = results(opts, settings, run.models, convs, units, facts)
     from streams.eval.report import render_markdown
 
     (opts.out / RESULTS).write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str))
