@@ -170,6 +170,10 @@ class Memory:
             _require_user(t.user_id)
         return self._runner.run(self.pipeline.ingest(turns))
 
+    def next_seq(self, user_id: str, session_id: str, n: int = 1) -> int:
+        """Reserve ``n`` turn sequence numbers in a session (as ``add`` does); returns the first."""
+        return self._counters.take(_require_user(user_id), session_id, n)
+
     def flush(self, user_id: str | None = None) -> IngestReport:
         """Extract whatever is buffered into long-term memory now (one user, or everyone)."""
         return self._runner.run(self.pipeline.flush(user_id))
@@ -249,17 +253,22 @@ class Memory:
         self.pipeline.ledger.record(report.cost)
         return report
 
-    def revert(self, change_id: str, force: bool = False) -> RevertResult:
-        """Undo a sleep-time change (its id or an unambiguous prefix): the memory is restored as it was before
-        (re-embedded, same id), logged as a 'revert' change. Raises ``ChangeNotFound``, ``AmbiguousChange``, or
-        ``RevertError`` when the memory changed since (unless ``force``)."""
+    def change(self, change_id: str) -> MemoryChange:
+        """One change by its id (or an unambiguous prefix); ``ChangeNotFound`` / ``AmbiguousChange`` otherwise."""
         log = self._changelog()
         matches = log.find(change_id)
         if not matches:
             raise ChangeNotFound(f"no change {change_id} in {log.path}")
         if len(matches) > 1:
             raise AmbiguousChange(f"{change_id} is ambiguous: {', '.join(c.change_id for c in matches[:5])}")
-        change = matches[0]
+        return matches[0]
+
+    def revert(self, change_id: str, force: bool = False) -> RevertResult:
+        """Undo a sleep-time change (its id or an unambiguous prefix): the memory is restored as it was before
+        (re-embedded, same id), logged as a 'revert' change. Raises ``ChangeNotFound``, ``AmbiguousChange``, or
+        ``RevertError`` when the memory changed since (unless ``force``)."""
+        log = self._changelog()
+        change = self.change(change_id)
         embed = self.pipeline.stages.embed
         done = [c for c in log.for_memory(change.memory_id) if c.reverts == change.change_id]
         if done and not force:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from schemas import StageCost
+from streams import metrics
 
 STAGES = ("compression", "segmentation", "extraction", "embedding", "upsert", "compaction")
 
@@ -29,6 +30,11 @@ class CostLedger:
         self._totals: dict[str, StageCost] = {}
 
     def record(self, cost: StageCost) -> None:
+        """Add one unit of work's cost; it is also exported as Prometheus metrics (``streams.metrics``)."""
+        metrics.observe_cost(cost)
+        self._add(cost)
+
+    def _add(self, cost: StageCost) -> None:
         prev = self._totals.get(cost.stage)
         self._totals[cost.stage] = cost if prev is None else add_costs(prev, cost)
 
@@ -45,7 +51,7 @@ class CostLedger:
 
     def merge(self, other: CostLedger) -> None:
         for c in other.totals().values():
-            self.record(c)
+            self._add(c)  # already exported when ``other`` recorded it
 
     def reset(self) -> None:
         self._totals.clear()

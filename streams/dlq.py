@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from schemas import DeadLetter
-from streams import ids
+from streams import ids, metrics
 
 
 def dead_letter(
@@ -45,6 +45,7 @@ class DeadLetterLog:
         self._lock = threading.Lock()
 
     def send(self, record: DeadLetter) -> None:
+        metrics.observe_dead_letter(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, self.path.open("a", encoding="utf-8") as f:
             f.write(record.model_dump_json() + "\n")

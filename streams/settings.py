@@ -142,6 +142,30 @@ class KafkaSettings(BaseModel):
     topics: KafkaTopics = KafkaTopics()
 
 
+class ApiSettings(BaseModel):
+    """The memory service (``lightmem serve``) and its clients (CLI, ``MemoryClient``, MCP)."""
+
+    url: str | None = Field(
+        default=None, description="a running server's base URL; when set, the CLI and MCP go through it"
+    )
+    key: SecretStr | None = Field(default=None, description="API key the CLI and MCP send to `url`")
+    keys_file: Path | None = Field(default=None, description="key hashes; unset = <data_dir>/api_keys.json")
+    host: str = Field(default="127.0.0.1", description="address `lightmem serve` listens on")
+    port: int = Field(default=8420, ge=0, le=65535)
+    rate_limit: str = Field(default="50/second;1000/minute", description="per key, `limits` notation")
+    max_batch_turns: int = Field(default=1000, ge=1, description="turns in one POST /v1/turns")
+    max_turn_chars: int = Field(default=32_768, ge=1, description="characters of one turn's content")
+    page_size: int = Field(default=100, ge=1, le=1000, description="memories per page of GET /v1/memories")
+    search_batch_window_ms: float = Field(
+        default=2.0, ge=0, description="concurrent searches arriving within this window share one encoder pass"
+    )
+    torch_threads: int = Field(
+        default=1,
+        ge=0,
+        description="intra-op threads of the server's models (0 = torch's default); concurrent requests use the cores",
+    )
+
+
 class WorkerSettings(BaseModel):
     """The stream worker (``lightmem worker``): Faust app options."""
 
@@ -153,6 +177,8 @@ class WorkerSettings(BaseModel):
     )
     standby_replicas: int = Field(default=0, ge=0, description="standby table copies on other workers")
     session_timeout_s: float = Field(default=10.0, gt=0, description="Kafka consumer group session timeout")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics on this port")
+    metrics_host: str = Field(default="127.0.0.1", description="address of the /metrics port")
 
 
 class SinkSettings(BaseModel):
@@ -162,6 +188,8 @@ class SinkSettings(BaseModel):
     batch_ms: int = Field(default=500, ge=1, description="longest wait for a batch, in milliseconds")
     idle_exit_s: float | None = Field(default=None, gt=0, description="exit after this long without records")
     heartbeat_file: Path | None = Field(default=None, description="file touched on every poll (liveness probes)")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics on this port")
+    metrics_host: str = Field(default="127.0.0.1", description="address of the /metrics port")
 
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -179,6 +207,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     sleep: SleepSettings = SleepSettings()
     kafka: KafkaSettings = KafkaSettings()
+    api: ApiSettings = ApiSettings()
     worker: WorkerSettings = WorkerSettings()
     sink: SinkSettings = SinkSettings()
     log_level: LogLevel = Field(default="info", description="log level of the worker and sink processes")

@@ -9,11 +9,12 @@ from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -56,8 +57,12 @@ def override(section: M, **values: object) -> M:
     return section.model_validate({**section.model_dump(), **given}) if given else section
 
 
+def print_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -69,7 +74,20 @@ def progress() -> Progress:
 
 @contextmanager
 def open_memory(settings: Settings) -> Iterator[Memory]:
-    """The embedded ``Memory`` every memory command goes through, closed at the end."""
+    """The ``Memory`` every memory command goes through, closed at the end: the server's at ``LIGHTMEM_API__URL``
+    when set (a ``MemoryClient``: the same methods over HTTP), else the embedded one."""
+    if settings.api.url:
+        from streams.client import MemoryClient, ServiceError
+
+        key = settings.api.key.get_secret_value() if settings.api.key is not None else None
+        client = MemoryClient(settings.api.url, key)
+        try:
+            yield cast("Memory", client)  # same methods and return types; the server owns the store
+        except ServiceError as e:
+            fail(f"{settings.api.url}: {e.detail} ({e.status})")
+        finally:
+            client.close()
+        return
     from streams.api import Memory  # loads torch: `lightmem --help` and `lightmem kafka up` stay fast without it
 
     m = Memory(settings)

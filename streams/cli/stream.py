@@ -22,6 +22,7 @@ import typer
 from rich.table import Table
 
 from schemas import RawTurn
+from streams import metrics
 from streams.cli.common import (
     DATA_DIR_OPT,
     DataFormat,
@@ -175,6 +176,8 @@ def worker(
         f"{shell.stages.compressor.name}, extractor {shell.stages.extractor.name}, idle timeout "
         f"{settings.stm.idle_timeout_s} s, web {'port ' + str(w.web_port) if w.web_port else 'off'}"
     )
+    if w.metrics_port:
+        metrics.serve(w.metrics_port, w.metrics_host)  # stage latency, LLM calls/tokens, dead letters, lag
     Worker(shell.app, loop=loop, loglevel=level, quiet=True).execute_from_commandline()
 
 
@@ -225,6 +228,8 @@ def sink(
             f"{stats.changes} changes, {stats.dead_letters} dead letters"
         )
 
+    if settings.sink.metrics_port:
+        metrics.serve(settings.sink.metrics_port, settings.sink.metrics_host)
     where = settings.store.url or settings.store.path
     err.print(f"LTM sink at {settings.kafka.bootstrap_servers} → {settings.store.collection} in {where}")
     run_broker(main())

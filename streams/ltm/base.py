@@ -18,7 +18,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from schemas.records import MemoryRecord
+from streams import metrics
 from streams.ltm import sparse
+from streams.ltm.owner import StoreOwner
 from streams.settings import StoreSettings
 
 SearchMode = Literal["hybrid", "dense", "sparse"]
@@ -151,9 +153,16 @@ def _ordered(hits: Sequence[Hit]) -> list[Hit]:
 class BaseStore(ABC):
     """Shared implementation of ``MemoryStore`` over backend primitives."""
 
+    owner: StoreOwner | None = None  # the directory lock of an on-disk store (set by ``open_store``)
+
     def __init__(self, settings: StoreSettings, dim: int) -> None:
         self.settings = settings
         self.dim = dim
+
+    def release_owner(self) -> None:
+        """Give up the on-disk store's lock (backends call this last in ``close``)."""
+        if self.owner is not None:
+            self.owner.release()
 
     # -- backend primitives -----------------------------------------------------------
     @abstractmethod
@@ -203,24 +212,27 @@ class BaseStore(ABC):
         for i, rec in enumerate(records):
             latest[rec.memory_id] = i  # one point per id; the last occurrence in a batch wins
         rows = sorted(latest.values())
-        self._write(
-            [records[i].memory_id for i in rows],
-            vecs[rows],
-            [sparse.document_vector(records[i].index_text or records[i].text) for i in rows],
-            [to_payload(records[i]) for i in rows],
-        )
+        with metrics.store_write("upsert"):
+            self._write(
+                [records[i].memory_id for i in rows],
+                vecs[rows],
+                [sparse.document_vector(records[i].index_text or records[i].text) for i in rows],
+                [to_payload(records[i]) for i in rows],
+            )
 
     def delete(self, user_id: str, memory_ids: Sequence[str]) -> None:
         user = require_user(user_id, "delete")
         ids = point_ids(memory_ids)
         if ids:
-            self._delete(Scope(user, ids=ids))
+            with metrics.store_write("delete"):
+                self._delete(Scope(user, ids=ids))
 
     def delete_user(self, user_id: str) -> int:
         user = require_user(user_id, "delete_user")
         before = self._count(user)
         if before:
-            self._delete(Scope(user))
+            with metrics.store_write("delete_user"):
+                self._delete(Scope(user))
         return before - self._count(user)
 
     # -- reads ------------------------------------------------------------------------

@@ -182,4 +182,7 @@ class ClientStore(BaseStore):
         return sorted(str(h.value) for h in res.hits if h.count > 0)
 
     def close(self) -> None:
-        self._client.close()
+        try:
+            self._client.close()
+        finally:
+            self.release_owner()

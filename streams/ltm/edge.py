@@ -172,7 +172,10 @@ class EdgeStore(BaseStore):
 
     def close(self) -> None:
         with self._lock:
-            if self._shard is not None:
-                self._shard.flush()
-                self._shard.close()
-                self._shard = None  # type: ignore[assignment]
+            try:
+                if self._shard is not None:
+                    self._shard.flush()
+                    self._shard.close()
+                    self._shard = None  # type: ignore[assignment]
+            finally:
+                self.release_owner()

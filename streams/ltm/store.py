@@ -14,22 +14,38 @@ branches + DBSF or RRF); the congruence tests check that the backends agree.
 
 from __future__ import annotations
 
-from streams.ltm.base import MemoryStore, MissingUserError, ScoredMemory, SearchMode
+from pathlib import Path
+
+from streams.ltm.base import BaseStore, MemoryStore, MissingUserError, ScoredMemory, SearchMode
+from streams.ltm.owner import StoreBusyError, StoreOwner
 from streams.settings import StoreSettings
 
-__all__ = ["MemoryStore", "MissingUserError", "ScoredMemory", "SearchMode", "open_store"]
+__all__ = ["MemoryStore", "MissingUserError", "ScoredMemory", "SearchMode", "StoreBusyError", "open_store"]
 
 
 def open_store(settings: StoreSettings, dim: int, *, collection: str | None = None) -> MemoryStore:
     """Open (creating if needed) the memory collection on the configured backend."""
     name = collection or settings.collection
     backend = "server" if settings.url else settings.backend
+    if backend == "server" and not settings.url:
+        raise ValueError("store backend 'server' needs settings.url (LIGHTMEM_STORE__URL)")
+    # an on-disk store has one owner process: a second one gets StoreBusyError naming it (see ``owner``)
+    owner = None if backend == "server" else StoreOwner(Path(settings.path), name)
+    try:
+        store = _open(settings, dim, name, backend)
+    except BaseException:
+        if owner is not None:
+            owner.release()
+        raise
+    store.owner = owner
+    return store
+
+
+def _open(settings: StoreSettings, dim: int, name: str, backend: str) -> BaseStore:
     if backend == "edge":
         from streams.ltm.edge import EdgeStore
 
         return EdgeStore(settings, dim, name)
-    if backend == "server" and not settings.url:
-        raise ValueError("store backend 'server' needs settings.url (LIGHTMEM_STORE__URL)")
     from streams.ltm.client import ClientStore
 
     return ClientStore(settings, dim, name, server=backend == "server")

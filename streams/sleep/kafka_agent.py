@@ -400,10 +400,13 @@ async def run_store_owner(
     timeout_ms: int = 500,
     heartbeat: Path | None = None,
     decider: Decider | None = None,
+    owned: tuple[MemoryStore, Any] | None = None,
 ) -> tuple[Any, AgentStats]:
     """The LTM sink (applying memory changes with ``change_hook``) and the compaction agent over ONE store.
 
     Both stop on ``stop``; when one of them ends (``idle_exit_s``, an error) the other is stopped too.
+    ``owned``: (store, embed) already opened by this process (``lightmem serve --kafka``: its ``Memory``'s), used
+    and left open; by default the encoder and the store are opened here and closed at the end.
     """
     from streams.encoder import load_encoder
     from streams.kafka.sink import LTMSink
@@ -411,10 +414,13 @@ async def run_store_owner(
     from streams.memories import EmbeddingCache
     from streams.sleep.apply import change_hook
 
-    encoder = load_encoder(settings.embedding)
-    raw_store = open_store(settings.store, encoder.dim)
+    if owned is None:
+        encoder = load_encoder(settings.embedding)
+        raw_store = open_store(settings.store, encoder.dim)
+        embed = EmbeddingCache(encoder.embed, encoder.dim)
+    else:
+        raw_store, embed = owned
     store: Any = LockedStore(raw_store)
-    embed = EmbeddingCache(encoder.embed, encoder.dim)
     sink = LTMSink(
         settings, store, embed, apply_changes=change_hook(embed), max_records=max_records, timeout_ms=timeout_ms
     )
@@ -438,7 +444,8 @@ async def run_store_owner(
     finally:
         await agent.stop()
         await sink.stop()
-        raw_store.close()
+        if owned is None:
+            raw_store.close()
 
 
 async def run_sink_with_compaction(
