@@ -20,6 +20,7 @@ from schemas.records import (
     StageCost,
     STMBufferState,
     STMSummary,
+    SummarySentence,
     TopicSegment,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "SensoryBufferState",
     "STMBufferState",
     "STMSummary",
+    "SummarySentence",
     "StageCost",
     "TopicSegment",
 ]

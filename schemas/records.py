@@ -96,6 +96,16 @@ class Fact(Record):
     source_turn_ids: list[NonEmpty] = Field(min_length=1)
     source_timestamps: list[AwareDatetime] = Field(min_length=1)
     session_ids: list[NonEmpty] = Field(min_length=1, description="sessions of the source turns, in order")
+    index_text: str | None = Field(
+        default=None, description="what the search index reads when it differs from text (e.g. the raw turn)"
+    )
+
+
+class SummarySentence(Record):
+    """One sentence of a topic summary with the turns it states."""
+
+    text: NonEmpty
+    source_turn_ids: list[NonEmpty] = Field(min_length=1)
 
 
 class STMSummary(Record):
@@ -109,6 +119,11 @@ class STMSummary(Record):
     segment_ids: list[NonEmpty] = Field(min_length=1)
     turn_ids: list[NonEmpty] = Field(min_length=1)
     summary: NonEmpty
+    summary_sentences: list[SummarySentence] = Field(
+        default_factory=list,
+        description="the summary's sentences, each citing the turns it states (a summary memory is credited with "
+        "those turns only)",
+    )
     facts: list[Fact]
     extractor: NonEmpty = Field(
         description="'llm:<model>/<prompt version>' (e.g. 'llm:gpt-4o-mini/extract/v1'; older records: 'llm:<model>') "
@@ -126,7 +141,10 @@ class MemoryRecord(Record):
     session_ids: list[NonEmpty] = Field(min_length=1)
     text: NonEmpty
     kind: Literal["fact", "summary"]
-    source_turn_ids: list[NonEmpty] = Field(min_length=1)
+    source_turn_ids: list[NonEmpty] = Field(min_length=1, description="the turns the text states")
+    index_text: str | None = Field(
+        default=None, description="what the search index reads when it differs from text (e.g. the raw turn)"
+    )
     event_timestamps: list[AwareDatetime] = Field(min_length=1)
     topic_id: NonEmpty
     summary_id: NonEmpty

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from streams.onnx_encoder import OnnxTransformer
 from streams.settings import EmbeddingSettings
+
+ONNX_BATCHES = True  # batch embeddings (ingest) on ONNX Runtime too
 
 
 class ModelNotFoundError(RuntimeError):
@@ -30,7 +33,7 @@ def packaged_minilm_path() -> Path:
 class Encoder:
     """A sentence-transformers model plus access to its transformer for attention."""
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, model_path: str | Path, device: str = "cpu", batch_size: int = 64, onnx: bool = True) -> None:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -51,12 +54,16 @@ class Encoder:
         self.max_seq_length = int(self._st.max_seq_length or 256)
         self._lock = threading.Lock()
         self._shallow: dict[int, object] = {}
+        # queries (and batches, when ONNX_BATCHES) run on ONNX Runtime when the model qualifies; see onnx_encoder
+        self.onnx = OnnxTransformer.for_model(path, self.tokenizer, self.max_seq_length) if onnx else None
 
     # -- dense embeddings -------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.onnx is not None and ONNX_BATCHES:
+            return self._embed_onnx(list(texts))
         with self._lock:
             vecs = self._st.encode(
                 list(texts),
@@ -67,9 +74,24 @@ class Encoder:
             )
         return np.asarray(vecs, dtype=np.float32)
 
+    def _embed_onnx(self, texts: list[str]) -> np.ndarray:
+        """Batches of similar length (less padding), on as many threads as PyTorch would use."""
+        import torch
+
+        assert self.onnx is not None
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        threads = torch.get_num_threads()
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self.onnx.embed([texts[i] for i in rows], threads)
+        return out
+
     def embed_one(self, text: str) -> np.ndarray:
         """One query. A single short sequence gains nothing from intra-op threads and, on a busy
-        machine, loses a lot to them, so it runs on one thread."""
+        machine, loses a lot to them, so it runs on one thread (ONNX Runtime when available)."""
+        if self.onnx is not None:
+            return self.onnx.embed([text], threads=1)[0]
         import torch
 
         with self._lock:

@@ -7,7 +7,7 @@ Two modes, chosen by ``LLMSettings.base_url``:
   (``streams.llm.LLMClient``: retries, the process-wide concurrency limit, JSON parsing, cost). The response
   must be a JSON object matching ``streams.prompts.ExtractionResponse`` whose fact sources are aliases shown in
   the prompt; content that is not JSON, does not match, or cites no valid alias is asked again like an HTTP
-  error is retried. Summaries name their producer and prompt: ``extractor="llm:<model>/extract/v1"``.
+  error is retried. Summaries name their producer and prompt: ``extractor="llm:<model>/extract/v2"``.
 - **Extractive** (``base_url`` unset, offline, no LLM): see ``extractive_summary``.
 
 Failure policy ("nothing silent", never an empty result): when no attempt is left, ``extract`` returns an
@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, TopicSegment
+from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, SummarySentence, TopicSegment
 from streams import ids
 from streams.llm import InvalidOutput, LLMClient, describe_error, parse_model
 from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
 from streams.segment import turn_label
 from streams.settings import LLMSettings
+from streams.text import content_words, stem
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +118,26 @@ def build_summary(
     alias_map: dict[int, CompressedTurn],
     extractor_name: str,
     now: datetime,
+    index_texts: dict[int, str] | None = None,
 ) -> STMSummary:
     """Map the LLM's answer back onto the batch: aliases → turn ids and timestamps.
 
     Unknown aliases are dropped from a fact (with a warning); a fact left with no valid alias, an empty
     summary, or no facts for a batch that has content raise ``InvalidExtraction`` (the caller retries).
+    Summary sentences keep their valid aliases as turn ids; a sentence citing none stays in the text but
+    credits no turn. ``index_texts`` (fact position → text) sets what the search index reads for a fact.
     """
+    index_texts = index_texts or {}
     _check_batch(user_id, segments)
     turns = _turns(segments)
     content = _has_content(turns)
-    summary_text = response.summary.strip()
+    summary_text = response.summary_text.strip()
     if not summary_text:
         if content:
             raise InvalidExtraction("SchemaViolation", "empty summary")
         summary_text = _topic_line(turns)
-    if content and not response.facts:
+    sentences = _summary_sentences(response, alias_map)
+    if content and not response.facts and extractor_name != EXTRACTIVE_NAME:
         raise InvalidExtraction("SchemaViolation", "no facts for a batch that has content")
 
     facts: list[Fact] = []
@@ -152,6 +158,7 @@ def build_summary(
                 source_turn_ids=[alias_map[a].turn_id for a in valid],
                 source_timestamps=[alias_map[a].timestamp for a in valid],
                 session_ids=list(dict.fromkeys(alias_map[a].session_id for a in valid)),
+                index_text=index_texts.get(position),
             )
         )
 
@@ -164,36 +171,43 @@ def build_summary(
         segment_ids=[s.segment_id for s in segments],
         turn_ids=turn_ids,
         summary=summary_text,
+        summary_sentences=sentences,
         facts=facts,
         extractor=extractor_name,
         created_at=now,
     )
 
 
+def _summary_sentences(response: ExtractionResponse, alias_map: dict[int, CompressedTurn]) -> list[SummarySentence]:
+    if isinstance(response.summary, str):
+        return []
+    out = []
+    for sentence in response.summary:
+        valid = sorted({a for a in sentence.sources if a in alias_map})
+        if valid:
+            out.append(SummarySentence(text=sentence.text, source_turn_ids=[alias_map[a].turn_id for a in valid]))
+    return out
+
+
 # -- offline extractive mode -------------------------------------------------------------------
 
-_WORD = re.compile(r"[^\W\d_][\w'-]*", re.UNICODE)
-_STOPWORDS = frozenset(
-    """a about above after again against all also am an and any are as at be because been before being below
-    between both but by can could did do does doing down during each few for from further had has have having he
-    her here hers herself him himself his how i if in into is it its itself just like me more most my myself no nor
-    not now of off on once only or other our ours ourselves out over own really same she should so some such than
-    that the their theirs them themselves then there these they this those through to too under until up very was
-    we were what when where which while who whom why will with would yeah yes you your yours yourself yourselves
-    oh ok okay hey hi hello thanks thank get got go going know think one well much many lot lots i'm it's that's
-    don't i've i'll you're can't""".split()
-)
 TOPIC_WORDS = 6
+SUMMARY_SENTENCES = 3  # at most this many sentences (from distinct turns) in an extractive summary
+SUMMARY_MAX_WORDS = 45  # and at most about this many words
+CONTEXT_BEFORE = 1  # neighbouring turns the search index reads with a fact (see _index_text)
+CONTEXT_AFTER = 0
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _topic_line(turns: Sequence[CompressedTurn]) -> str:
+    """``"<speakers> talked about: <w1>, <w2>, ..."``: the batch's most frequent content words (a stand-in used
+    only when no turn has content, then ``"<speakers>: (no content)"``)."""
     speakers = _unique([_who(t) for t in turns])
     counts: Counter[str] = Counter()
     first_seen: dict[str, int] = {}
     for turn in turns:
-        for word in _WORD.findall(turn.compressed_text.lower()):
-            word = word.strip("'-")
-            if len(word) < 3 or word in _STOPWORDS:
+        for word in content_words(turn.compressed_text):
+            if len(word) < 3 or word.isdigit():
                 continue
             counts[word] += 1
             first_seen.setdefault(word, len(first_seen))
@@ -204,6 +218,57 @@ def _topic_line(turns: Sequence[CompressedTurn]) -> str:
     return f"{who} talked about: {', '.join(ranked)}"
 
 
+def informative(turn: CompressedTurn) -> bool:
+    """Whether a turn is worth a fact: it has a content word (not a stop word, greeting or back-channel word),
+    and a question has at least two (a question such as "How are you?" or "Anything else?" states nothing)."""
+    info = content_words(turn.raw_text)
+    if not info:
+        return False
+    return len(info) >= 2 or not turn.raw_text.rstrip().endswith("?")
+
+
+def _salient_sentences(alias_map: dict[int, CompressedTurn], candidates: Sequence[int]) -> list[ExtractedFact]:
+    """Up to ``SUMMARY_SENTENCES`` sentences of the batch's informative turns (at most one per turn), chosen by
+    how many of the batch's recurring content words they hold, in batch order, each citing its turn."""
+    stems = {a: {stem(w) for w in content_words(alias_map[a].compressed_text)} for a in candidates}
+    df: Counter[str] = Counter(w for ws in stems.values() for w in ws)
+    scored: list[tuple[float, int, str]] = []
+    for alias in candidates:
+        turn = alias_map[alias]
+        for sentence in _SENTENCE_END.split(" ".join(turn.compressed_text.split())):
+            terms = {stem(w) for w in content_words(sentence)}
+            if not terms:
+                continue
+            score = sum(df[t] for t in terms) / (len(sentence.split()) ** 0.5)
+            scored.append((score, alias, sentence))
+    chosen: dict[int, str] = {}
+    used = 0
+    for _, alias, sentence in sorted(scored, key=lambda x: (-x[0], x[1])):
+        n = len(sentence.split())
+        if alias in chosen or (chosen and used + n > SUMMARY_MAX_WORDS):
+            continue
+        chosen[alias] = sentence
+        used += n
+        if len(chosen) == SUMMARY_SENTENCES:
+            break
+    return [ExtractedFact(text=_sentence(f"{_who(alias_map[a])}: {chosen[a]}"), sources=[a]) for a in sorted(chosen)]
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
+def _index_text(alias_map: dict[int, CompressedTurn], alias: int) -> str:
+    """What the search index reads for a turn's fact: the raw turn, after the raw text of up to
+    ``CONTEXT_BEFORE`` preceding and ``CONTEXT_AFTER`` following turns of the same session in the batch (a short
+    answer is found through the question it answers; the fact itself still states, and is credited with, only
+    its own turn)."""
+    turn = alias_map[alias]
+    near = [*range(alias - CONTEXT_BEFORE, alias), alias, *range(alias + 1, alias + 1 + CONTEXT_AFTER)]
+    parts = [alias_map[a] for a in near if a in alias_map and alias_map[a].session_id == turn.session_id]
+    return "\n".join(f"{_who(t)}: {t.raw_text}" for t in parts)
+
+
 def extractive_summary(
     user_id: str,
     segments: Sequence[TopicSegment],
@@ -212,11 +277,12 @@ def extractive_summary(
 ) -> STMSummary:
     """Offline mode (no LLM), deterministic, labelled ``extractor="extractive"``.
 
-    - summary: a topic line ``"<speakers> talked about: <w1>, <w2>, ..."`` — the speakers (or roles) in order
-      of appearance and the ``TOPIC_WORDS`` most frequent content words of the batch (lower-cased, at least 3
-      letters, stop words removed; ties broken by first appearance); ``"<speakers>: (no content)"`` if none.
-    - facts: one per turn with non-empty compressed text, ``"<speaker or role>: <compressed_text>"``, with that
-      turn as its single source.
+    - facts: one per informative turn (see ``informative``: greetings, back-channel and questions that state
+      nothing are left out), ``"<speaker or role>: <compressed_text>"``, with that turn as its single source;
+      the search index reads the raw turn with its preceding turn (``_index_text``), so what compression cut,
+      and the question a short answer answers, can still be found.
+    - summary: up to ``SUMMARY_SENTENCES`` real sentences of the batch (``"<speaker>: <sentence>"``, see
+      ``_salient_sentences``), each citing its turn; the topic line of ``_topic_line`` when no turn has content.
 
     ``pipeline_version`` is accepted for symmetry with ``Extractor``; the summary record does not carry it.
     """
@@ -224,15 +290,17 @@ def extractive_summary(
     _check_batch(user_id, segments)
     turns = _turns(segments)
     alias_map = dict(enumerate(turns, start=1))
+    kept = [a for a, t in alias_map.items() if t.compressed_text.strip() and informative(t)]
+    sentences = _salient_sentences(alias_map, kept)
+    if not sentences and (said := [a for a, t in alias_map.items() if t.compressed_text.strip()]):
+        longest = max(said, key=lambda a: (len(alias_map[a].compressed_text), -a))  # a batch of small talk
+        sentences = [ExtractedFact(text=_sentence(turn_label(alias_map[longest])), sources=[longest])]
     response = ExtractionResponse(
-        summary=_topic_line(turns),
-        facts=[
-            ExtractedFact(text=turn_label(t), sources=[alias])
-            for alias, t in alias_map.items()
-            if t.compressed_text.strip()
-        ],
+        summary=sentences or _topic_line(turns),
+        facts=[ExtractedFact(text=turn_label(alias_map[a]), sources=[a]) for a in kept],
     )
-    return build_summary(user_id, segments, response, alias_map, EXTRACTIVE_NAME, now)
+    index_texts = {pos: _index_text(alias_map, a) for pos, a in enumerate(kept)}
+    return build_summary(user_id, segments, response, alias_map, EXTRACTIVE_NAME, now, index_texts)
 
 
 # -- the extractor -----------------------------------------------------------------------------

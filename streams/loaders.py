@@ -105,6 +105,8 @@ _MONTHS = {
 _LOCOMO_DT = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*([ap])\.?m\.?\s+on\s+(\d{1,2})\s+([A-Za-z]+),?\s+(\d{4})\s*$", re.I)
 _SESSION_KEY = re.compile(r"^session_(\d+)$")
 _DIA_ID = re.compile(r"^D\s*:?\s*(\d+)\s*:\s*(\d+)$")
+# one dia id inside an entry that may hold several ("D1:3 D1:5", "D8:6; D9:17", "D:11:26")
+_DIA_PIECE = re.compile(r"D\s*:?\s*\d+\s*:\s*\d+")
 
 
 def parse_locomo_datetime(text: str) -> datetime:
@@ -136,8 +138,8 @@ def _map_locomo_evidence(
     session_ids: list[str] = []
     for entry in raw:
         stats["evidence_entries"] += 1
-        pieces = [p.strip() for p in str(entry).split(";")]
-        pieces = [p for p in pieces if p]
+        pieces = _DIA_PIECE.findall(str(entry)) or [p.strip() for p in str(entry).split(";")]
+        pieces = [p for p in pieces if p.strip()]
         if not pieces:
             stats["evidence_dropped"] += 1
             stats["warnings"].append(f"{where}: empty evidence entry {entry!r} dropped")

@@ -14,9 +14,18 @@ import numpy as np
 from schemas import MemoryRecord, StageCost, STMSummary
 from streams import ids
 
+EXTRACTIVE = "extractive"  # STMSummary.extractor of the offline mode (streams.extract.EXTRACTIVE_NAME)
+
 
 def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetime | None = None) -> list[MemoryRecord]:
-    """One record per fact (id from its source turns and position) plus one for the topic summary."""
+    """One record per fact (id from its source turns and position) plus one for the topic summary.
+
+    A memory is credited with the turns it states: a fact with its cited sources, the summary with the turns its
+    sentences cite (``summary.summary_sentences``). A summary written before sentences cited turns is credited
+    with every turn of its batch (the only provenance it has). An extractive summary (offline mode) whose batch
+    has facts is not stored: its sentences are those facts' own sentences (on the LoCoMo dev split, storing it
+    too added 9 tokens read at k=10 for 1.3 points of recall@10).
+    """
     now = now or datetime.now(UTC)
     turn_ts = sorted({ts for f in summary.facts for ts in f.source_timestamps})
     out: list[MemoryRecord] = []
@@ -29,6 +38,7 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
                 text=fact.text,
                 kind="fact",
                 source_turn_ids=list(fact.source_turn_ids),
+                index_text=fact.index_text,
                 event_timestamps=sorted(fact.source_timestamps),
                 topic_id=summary.topic_id,
                 summary_id=summary.summary_id,
@@ -37,6 +47,13 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
                 updated_at=now,
             )
         )
+    if summary.extractor == EXTRACTIVE and summary.facts:
+        return out  # its sentences are verbatim sentences of the facts above: stored once, as those facts
+    stated = list(dict.fromkeys(t for s in summary.summary_sentences for t in s.source_turn_ids))
+    if stated:
+        when = {t: ts for f in summary.facts for t, ts in zip(f.source_turn_ids, f.source_timestamps, strict=False)}
+        stamps = sorted(when[t] for t in stated if t in when)
+        turn_ts = stamps or turn_ts
     span = [turn_ts[0], turn_ts[-1]] if turn_ts else [summary.created_at]
     out.append(
         MemoryRecord(
@@ -45,7 +62,7 @@ def summary_to_memories(summary: STMSummary, pipeline_version: str, now: datetim
             session_ids=list(summary.session_ids),
             text=summary.summary,
             kind="summary",
-            source_turn_ids=list(summary.turn_ids),
+            source_turn_ids=stated or list(summary.turn_ids),
             event_timestamps=span,
             topic_id=summary.topic_id,
             summary_id=summary.summary_id,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from schemas.records import CompressedTurn, TopicSegment
 
-EXTRACTION_PROMPT_VERSION = "extract/v1"
+EXTRACTION_PROMPT_VERSION = "extract/v2"
 
 TIME_FORMAT = "%Y-%m-%d %H:%M"
 
@@ -39,12 +39,22 @@ class ExtractedFact(BaseModel):
 
 
 class ExtractionResponse(BaseModel):
-    """The JSON object the extraction prompt asks for."""
+    """The JSON object the extraction prompt asks for.
+
+    ``summary`` is a list of sentences, each with the aliases of the turns it draws on; a plain string (an
+    endpoint that ignores the format) is accepted and then cites no turn.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    summary: _Text
+    summary: _Text | list[ExtractedFact]
     facts: list[ExtractedFact]
+
+    @property
+    def summary_text(self) -> str:
+        if isinstance(self.summary, str):
+            return self.summary
+        return " ".join(s.text for s in self.summary)
 
 
 EXTRACTION_SYSTEM_PROMPT = """\
@@ -55,7 +65,9 @@ Each turn is shown on its own line as: [alias] (date time) speaker: text
 The texts were compressed to save tokens, so some small words may be missing; read them for meaning.
 
 Return ONE JSON object and nothing else, with exactly these keys:
-  "summary": one or two sentences naming the topic(s) of this stretch of conversation and who took part.
+  "summary": a list of one to three sentences {"text": "...", "sources": [aliases]} naming the topic(s) of
+    this stretch of conversation, who took part and what was said; "sources" lists the aliases of the turns
+    each sentence draws on.
   "facts": a list of objects {"text": "...", "sources": [aliases]}.
 
 Rules for facts:
@@ -94,7 +106,7 @@ def build_extraction_prompt(
         + "\n".join(lines)
         + "\n\n"
         + "Write the topic summary and the standalone facts of this conversation as JSON:\n"
-        + '{"summary": "...", "facts": [{"text": "...", "sources": [1, 2]}]}'
+        + '{"summary": [{"text": "...", "sources": [1, 3]}], "facts": [{"text": "...", "sources": [1, 2]}]}'
     )
     messages = [
         {"role": "system", "content": EXTRACTION_SYSTEM_PROMPT},

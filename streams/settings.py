@@ -86,7 +86,12 @@ class StoreSettings(BaseModel):
     api_key: SecretStr | None = None
     collection: str = "lightmem_memories"
     search_mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
-    rrf_k: int = Field(default=60, ge=1, description="reciprocal-rank-fusion constant")
+    fusion: Literal["dbsf", "rrf"] = Field(
+        default="dbsf",
+        description="how hybrid search fuses its dense and sparse branches, in the engine (Qdrant's query API): "
+        "distribution-based score fusion or reciprocal rank fusion",
+    )
+    rrf_k: int = Field(default=60, ge=1, description="reciprocal-rank-fusion constant (fusion 'rrf')")
     prefetch: int = Field(default=50, ge=1, description="candidates per branch before fusion")
 
 

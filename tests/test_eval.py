@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from schemas.records import RawTurn
 from streams import ids
 from streams.eval import run as eval_run
+from streams.eval import systems as eval_systems
 from streams.eval.judge import JudgeUnavailable, judge_messages, parse_verdict, rubric_for
 from streams.eval.run import (
     CHECKPOINT,
@@ -152,8 +153,8 @@ def test_model_free_systems_score_and_resume(tmp_path, monkeypatch):
     assert len(lines) == 3  # header + one eval record per system
 
     # rerun on the same out dir: everything comes from the checkpoint, nothing is recomputed
-    monkeypatch.setattr(eval_run, "FullTextRetriever", None)
-    monkeypatch.setattr(eval_run, "BM25Retriever", None)
+    monkeypatch.setattr(eval_systems, "FullTextRetriever", None)
+    monkeypatch.setattr(eval_systems, "BM25Retriever", None)
     res2 = run_eval(opts, settings, conversations=[conv])
     assert (opts.out / CHECKPOINT).read_text().splitlines() == lines
     assert res2["run"]["reused_units"] == 2 and res2["run"]["evaluated_units"] == 0
@@ -252,7 +253,7 @@ def test_all_systems_offline_then_resume_without_rebuilding(tmp_path, encoder, m
     def forbidden(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("resumed run must not build this")
 
-    monkeypatch.setattr(eval_run, "Memory", forbidden)
+    monkeypatch.setattr(eval_systems, "Memory", forbidden)
     monkeypatch.setattr(eval_run, "Stages", forbidden)
     res2 = run_eval(opts, settings, conversations=[conv])
     assert (opts.out / CHECKPOINT).read_text().splitlines() == lines
@@ -265,8 +266,8 @@ def test_all_systems_offline_then_resume_without_rebuilding(tmp_path, encoder, m
     kept = [ln for ln in lines if not ('"kind": "eval"' in ln and '"system": "lightmem"' in ln)]
     (opts.out / CHECKPOINT).write_text("\n".join(kept) + "\n")
     added: list[int] = []
-    real_add = eval_run.Memory.add_turns
-    monkeypatch.setattr(eval_run.Memory, "add_turns", lambda self, t: added.append(len(t)) or real_add(self, t))
+    real_add = eval_systems.Memory.add_turns
+    monkeypatch.setattr(eval_systems.Memory, "add_turns", lambda self, t: added.append(len(t)) or real_add(self, t))
     res3 = run_eval(opts, settings, stages=stages, conversations=[conv])
     assert added == [] and res3["run"]["ingested_users"] == 0 and res3["run"]["evaluated_units"] == 1
     assert _system(res3, "lightmem")["metrics"] == lm["metrics"]
@@ -380,3 +381,27 @@ def test_recall_before_and_after_the_sleep_time_update(tmp_path, encoder):
         key = f"evidence_recall@{k}"
         assert after["metrics"]["overall"][key] is not None and 0.0 <= after["metrics"]["overall"][key] <= 1.0
     assert [g["id"] for g in res["config"]["grid"]] == [before["config"]]
+
+
+def test_credits_of_one_ranking():
+    from streams.eval.metrics import QuestionEval, evidence_recall_at_k
+    from streams.eval.results import _credited
+
+    q = QuestionEval(
+        question_id="q",
+        category="4",
+        is_abstention=False,
+        is_adversarial=False,
+        evidence_turn_ids=("t1", "t3", "t5"),
+        evidence_session_ids=(),
+        retrieved=(("t1",), ("t2",)),  # a fact stating t1, a summary whose sentences cite t2
+        item_tokens=(5, 9),
+        extra={"kinds": ["fact", "summary"], "batch": (("t1", "t2", "t3"), ("t2", "t3", "t5"))},
+    )
+    honest = evidence_recall_at_k(q.retrieved, q.evidence_turn_ids, 2)
+    facts = _credited(q, "facts")
+    batch = _credited(q, "batch")
+    assert honest == pytest.approx(1 / 3)
+    assert facts.retrieved == (("t1",), ())  # summaries credited with nothing
+    assert batch.retrieved == (("t1",), ("t2", "t3", "t5"))  # only the summary takes its batch's turns
+    assert evidence_recall_at_k(batch.retrieved, q.evidence_turn_ids, 2) == 1.0

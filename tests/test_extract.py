@@ -25,6 +25,7 @@ from streams.extract import (
     extractive_summary,
     parse_extraction,
 )
+from streams.memories import summary_to_memories
 from streams.prompts import (
     EXTRACTION_PROMPT_VERSION,
     ExtractedFact,
@@ -93,7 +94,7 @@ def test_prompt_lists_every_turn_with_aliases_in_order() -> None:
     segments = batch()
     messages, alias_map = build_extraction_prompt(segments)
 
-    assert EXTRACTION_PROMPT_VERSION == "extract/v1"
+    assert EXTRACTION_PROMPT_VERSION == "extract/v2"
     assert [m["role"] for m in messages] == ["system", "user"]
     assert "JSON" in messages[0]["content"]
     lines = messages[1]["content"].splitlines()
@@ -219,14 +220,24 @@ async def test_extractive_mode_without_base_url() -> None:
     assert result.dead_letter is None and result.attempts == 1
     summary = result.unwrap()
     assert summary.extractor == "extractive"
-    assert summary.summary.startswith("Caroline, Melanie, user talked about: ")
+    # the back-channel question states nothing: no fact; the others keep their speaker and cite their turn
     assert [f.text for f in summary.facts] == [
         "Caroline: I went to the LGBTQ support group yesterday",
-        "Melanie: That sounds great, how did it go?",
         "user: Remind me to call the adoption agency",
     ]
-    assert [f.source_turn_ids for f in summary.facts] == [[t.turn_id] for t in turns[:3]]
-    assert [f.source_timestamps for f in summary.facts] == [[t.timestamp] for t in turns[:3]]
+    assert [f.source_turn_ids for f in summary.facts] == [[turns[0].turn_id], [turns[2].turn_id]]
+    assert [f.source_timestamps for f in summary.facts] == [[turns[0].timestamp], [turns[2].timestamp]]
+    assert [f.index_text for f in summary.facts] == [
+        f"{t.speaker or t.role}: {t.raw_text}" for t in (turns[0], turns[2])
+    ]
+    # the summary is real sentences of the batch, each citing the turn it was taken from
+    assert summary.summary_sentences
+    by_id = {t.turn_id: t for t in turns}
+    for sentence in summary.summary_sentences:
+        (source,) = sentence.source_turn_ids
+        assert sentence.text.rstrip(".").split(": ", 1)[1] in " ".join(by_id[source].compressed_text.split())
+        assert sentence.text in summary.summary
+    assert turns[1].turn_id not in {t for s in summary.summary_sentences for t in s.source_turn_ids}
     assert summary.turn_ids == [t.turn_id for t in turns]
     assert (result.cost.stage, result.cost.calls, result.cost.input_tokens, result.cost.output_tokens) == (
         "extraction",
@@ -238,15 +249,41 @@ async def test_extractive_mode_without_base_url() -> None:
     assert extractive_summary(USER, segments, NOW, PIPELINE) == summary  # deterministic
 
 
-def test_extractive_summary_topic_words() -> None:
+def test_extractive_summary_picks_sentences_that_carry_the_batch_topic() -> None:
     segments = [
         segment(
             turn(0, "We adopted a puppy, the puppy is called Max", speaker="Ann"),
             turn(1, "A puppy! Max is a lovely name for a puppy", speaker="Bo"),
+            turn(2, "Hi!", speaker="Ann"),
+            turn(3, "How are you?", speaker="Bo"),
         )
     ]
     summary = extractive_summary(USER, segments, NOW)
-    assert summary.summary == "Ann, Bo talked about: puppy, max, adopted, called, lovely, name"
+    # greetings and empty questions give no fact and no summary sentence
+    assert [f.source_turn_ids for f in summary.facts] == [
+        [segments[0].turns[0].turn_id],
+        [segments[0].turns[1].turn_id],
+    ]
+    cited = [s.source_turn_ids[0] for s in summary.summary_sentences]
+    assert cited == [segments[0].turns[0].turn_id, segments[0].turns[1].turn_id]  # batch order, one per turn
+    assert summary.summary == "Ann: We adopted a puppy, the puppy is called Max. Bo: Max is a lovely name for a puppy."
+
+
+def test_extractive_summary_of_small_talk_still_cites_a_turn() -> None:
+    segments = [segment(turn(0, "Hi!", speaker="Ann"), turn(1, "Hello, how are you?", speaker="Bo"))]
+    summary = extractive_summary(USER, segments, NOW)
+    assert summary.facts == []
+    (sentence,) = summary.summary_sentences
+    assert sentence.source_turn_ids == [segments[0].turns[1].turn_id]
+    records = summary_to_memories(summary, PIPELINE, NOW)  # no fact: the summary is the batch's one memory
+    assert [(r.kind, r.source_turn_ids) for r in records] == [("summary", [segments[0].turns[1].turn_id])]
+
+
+def test_extractive_summary_with_facts_is_not_stored_twice() -> None:
+    summary = extractive_summary(USER, batch(), NOW)
+    assert summary.facts and summary.summary_sentences
+    records = summary_to_memories(summary, PIPELINE, NOW)
+    assert [r.kind for r in records] == ["fact"] * len(summary.facts)
 
 
 async def test_extract_rejects_a_batch_of_another_user() -> None:
@@ -264,12 +301,12 @@ async def test_happy_path_through_the_server(llm: LLMServer) -> None:
     segments = batch()
     turns = all_turns(segments)
     async with Extractor(llm_settings(llm), PIPELINE) as extractor:
-        assert extractor.name == "llm:test-model/extract/v1"
+        assert extractor.name == "llm:test-model/extract/v2"
         result = await extractor.extract(USER, segments, NOW)
 
     summary = result.unwrap()
     assert result.dead_letter is None and result.attempts == 1
-    assert summary.extractor == "llm:test-model/extract/v1"
+    assert summary.extractor == "llm:test-model/extract/v2"
     assert summary.summary == "Caroline and Melanie and user discussed: I went to the LGBTQ support group yesterday"
     assert [f.text for f in summary.facts] == [
         "Caroline (on 2023-05-08): I went to the LGBTQ support group yesterday",
@@ -478,3 +515,29 @@ def test_server_context_manager_picks_a_free_port() -> None:
         assert httpx.get(f"{a.base}/v1/models").status_code == 200
     with pytest.raises(ValueError):
         LLMServer().inject("nonsense")
+
+
+def test_summary_sentences_from_the_llm_credit_only_the_turns_they_cite() -> None:
+    segments = batch()
+    turns = all_turns(segments)
+    alias_map = dict(enumerate(turns, start=1))
+    response = parse_extraction(
+        json.dumps(
+            {
+                "summary": [
+                    {"text": "Caroline went to an LGBTQ support group.", "sources": [1, 99]},
+                    {"text": "They chatted.", "sources": []},
+                ],
+                "facts": [{"text": "Caroline went to the LGBTQ support group.", "sources": [1]}],
+            }
+        )
+    )
+    summary = build_summary(USER, segments, response, alias_map, "llm:test", NOW)
+    assert summary.summary == "Caroline went to an LGBTQ support group. They chatted."
+    assert [(s.text, s.source_turn_ids) for s in summary.summary_sentences] == [
+        ("Caroline went to an LGBTQ support group.", [turns[0].turn_id])  # unknown alias 99 dropped
+    ]
+    records = summary_to_memories(summary, PIPELINE, NOW)
+    (memory,) = [r for r in records if r.kind == "summary"]
+    assert memory.source_turn_ids == [turns[0].turn_id]  # not every turn of the batch
+    assert memory.event_timestamps == [turns[0].timestamp, turns[0].timestamp]

@@ -293,20 +293,28 @@ def _jsonl(tmp_path: Path, lines: list) -> Path:
 
 
 def _line(**kw):
-    base = {"user_id": "u1", "session_id": "s1", "role": "user", "content": "hello",
-            "timestamp": "2024-01-01T10:00:00+00:00"}
+    base = {
+        "user_id": "u1",
+        "session_id": "s1",
+        "role": "user",
+        "content": "hello",
+        "timestamp": "2024-01-01T10:00:00+00:00",
+    }
     base.update(kw)
     return {k: v for k, v in base.items() if v is not None}
 
 
 def test_jsonl_ok(tmp_path):
-    p = _jsonl(tmp_path, [
-        _line(),
-        "",
-        _line(role="assistant", content="hi", timestamp="2024-01-01T10:00:01Z", speaker="bot"),
-        _line(session_id="s2", seq=5, timestamp="2024-01-01T12:00:00+02:00", source_id="x:1"),
-        _line(session_id="s2", timestamp="2024-01-01T12:00:01+02:00"),
-    ])
+    p = _jsonl(
+        tmp_path,
+        [
+            _line(),
+            "",
+            _line(role="assistant", content="hi", timestamp="2024-01-01T10:00:01Z", speaker="bot"),
+            _line(session_id="s2", seq=5, timestamp="2024-01-01T12:00:00+02:00", source_id="x:1"),
+            _line(session_id="s2", timestamp="2024-01-01T12:00:01+02:00"),
+        ],
+    )
     turns = load_jsonl(p)
     assert [(t.session_id, t.seq) for t in turns] == [("s1", 0), ("s1", 1), ("s2", 5), ("s2", 6)]
     assert turns[0].turn_id == turn_id("u1", "s1", 0)
@@ -344,3 +352,27 @@ def test_jsonl_errors_name_the_line(tmp_path, bad, reason):
     with pytest.raises(ValueError, match=reason) as exc:
         load_jsonl(p)
     assert f"{p}:2:" in str(exc.value)
+
+
+def test_locomo_evidence_entry_holding_several_ids_is_split(tmp_path):
+    sample = {
+        "sample_id": "conv-x",
+        "conversation": {
+            "speaker_a": "Ann",
+            "speaker_b": "Bo",
+            "session_1_date_time": "1:56 pm on 8 May, 2023",
+            "session_1": [
+                {"speaker": "Ann", "dia_id": "D1:1", "text": "I adopted a puppy."},
+                {"speaker": "Bo", "dia_id": "D1:2", "text": "What is its name?"},
+                {"speaker": "Ann", "dia_id": "D1:3", "text": "Max, after my grandfather."},
+            ],
+        },
+        "qa": [{"question": "What is the puppy called?", "answer": "Max", "evidence": ["D1:1 D1:3"], "category": 4}],
+    }
+    path = tmp_path / "locomo.json"
+    path.write_text(json.dumps([sample]))
+    (conv,) = load_locomo(path)
+    (q,) = conv.qa
+    by_id = {t.turn_id: t for t in conv.turns}
+    assert [by_id[t].source_id for t in q.evidence_turn_ids] == ["D1:1", "D1:3"]
+    assert conv.meta["evidence_dropped"] == 0

@@ -31,8 +31,9 @@ def test_stored_sample_still_parses(path: Path) -> None:
     data = json.loads(path.read_text())
     assert data["schema_version"] == version
     record = SCHEMA_MODELS[name].model_validate(data)  # the stored record, read by today's reader
-    if version == current_version(name):  # and a current record round-trips unchanged
-        assert json.loads(record.model_dump_json()) == data
+    if version == current_version(name):  # and a current record round-trips unchanged (fields added since, with
+        # defaults, are left out: the sample does not set them)
+        assert json.loads(record.model_dump_json(exclude_unset=True)) == data
 
 
 def test_every_current_schema_version_has_a_sample() -> None:

@@ -78,7 +78,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
 
 # -- sparse encoding ----------------------------------------------------------------------
 def test_tokenizer_and_bm25_weights() -> None:
-    assert tokenize("The DOGS were running, in Reykjavik!") == ["dog", "runn", "reykjavik"]
+    assert tokenize("The DOGS were running, in Reykjavik!") == ["dog", "run", "reykjavik"]  # Snowball stems
     assert term_index("dog") == term_index("dog") and 0 <= term_index("dog") < 2**31
     q = query_vector("dogs dog the")
     assert q.indices == [term_index("dog")] and q.values == [1.0]

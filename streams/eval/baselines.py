@@ -12,10 +12,10 @@ would be handed: ``"[YYYY-MM-DD HH:MM] speaker: content"``. Indexing uses ``"spe
 from __future__ import annotations
 
 import math
-import re
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -23,15 +23,18 @@ import numpy as np
 
 from schemas.records import RawTurn
 from streams.eval.metrics import QuestionEval, question_eval
+from streams.text import tokenize
 from streams.tokens import count_tokens
 
 __all__ = [
+    "Answer",
     "BM25Retriever",
     "FullTextRetriever",
     "NaiveRAGRetriever",
     "RetrievedItem",
     "Retriever",
     "UnknownUserError",
+    "ask",
     "evaluate_retriever",
     "index_text",
     "reader_text",
@@ -62,19 +65,6 @@ def index_text(turn: RawTurn) -> str:
 def reader_text(turn: RawTurn) -> str:
     """What a reader is handed for a raw turn: its time, speaker and content."""
     return f"[{turn.timestamp:%Y-%m-%d %H:%M}] {index_text(turn)}"
-
-
-_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
-STOPWORDS = frozenset(
-    """a an and are as at be been but by did do does for from had has have he her hers him his how i if in into is
-    it its me my of on or our she so than that the their them then there these they this to was we were what when
-    where which who whom why will with would you your""".split()
-)
-
-
-def tokenize(text: str, stopwords: frozenset[str] = STOPWORDS) -> list[str]:
-    """Lower-cased runs of letters/digits, stop words removed. Deliberately simple (no stemming)."""
-    return [t for t in _TOKEN.findall(text.lower()) if t not in stopwords]
 
 
 def _group_by_user(turns: Iterable[RawTurn]) -> dict[str, list[RawTurn]]:
@@ -221,11 +211,52 @@ class FullTextRetriever(_PerUser):
 
 def as_retrieved(hit: Any) -> RetrievedItem:
     """Adapt a pipeline search hit (``.record.text``, ``.record.source_turn_ids``, ``.score``) or any object
-    with ``.text`` and ``.source_turn_ids``."""
+    with ``.text`` and ``.source_turn_ids``; a ``RetrievedItem`` (or a subclass) is returned as it is."""
+    if isinstance(hit, RetrievedItem):
+        return hit
     rec = getattr(hit, "record", hit)
     return RetrievedItem(
         text=str(rec.text), source_turn_ids=list(rec.source_turn_ids), score=float(getattr(hit, "score", 0.0))
     )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One question asked of a retriever: its evaluation, the items (what a reader would be handed) and the
+    seconds the retrieval took."""
+
+    evaluation: QuestionEval
+    items: list[RetrievedItem]
+    seconds: float
+
+
+def ask(conv: Any, retriever: Retriever, k: int, count: Callable[[str], int] | None = None) -> Iterator[Answer]:
+    """Ask every question of one conversation at depth ``k``. An ``unbounded`` retriever (the whole history,
+    whatever the query) is asked once; a retriever with ``prefetch_queries`` gets the questions first (batch query
+    embedding, its time counted in the first answer). Items that carry ``kind`` / ``batch_turn_ids`` (memories)
+    put them in the evaluation's ``extra``."""
+    unbounded = bool(getattr(retriever, "unbounded", False))
+    tokens = count or lru_cache(maxsize=1 << 16)(count_tokens)  # the same texts come back question after question
+    t2s = {t.turn_id: t.session_id for t in conv.turns}
+    prefetch = getattr(retriever, "prefetch_queries", None)
+    t0 = time.perf_counter()
+    if prefetch is not None:
+        prefetch([qa.question for qa in conv.qa])
+    pending = time.perf_counter() - t0
+    history: list[RetrievedItem] | None = None
+    for qa in conv.qa:
+        t1 = time.perf_counter()
+        if history is None or not unbounded:
+            history = [as_retrieved(h) for h in retriever.retrieve(conv.user_id, qa.question, k)]
+        items = history
+        seconds = time.perf_counter() - t1 + pending
+        pending = 0.0
+        qe = question_eval(qa, items, turn_to_session=t2s, unbounded=unbounded, count_tokens=tokens)
+        kinds = [getattr(it, "kind", None) for it in items]
+        if any(kinds):
+            batch = tuple(tuple(getattr(it, "batch_turn_ids", None) or it.source_turn_ids) for it in items)
+            qe = replace(qe, extra={"kinds": kinds, "batch": batch})
+        yield Answer(qe, items, seconds)
 
 
 def evaluate_retriever(
@@ -238,19 +269,12 @@ def evaluate_retriever(
 ) -> list[QuestionEval]:
     """Ask every question of every conversation (``streams.loaders.Conversation``) once at depth ``k`` (the
     largest k to report; smaller k are prefixes) and return the per-question evaluations for
-    ``streams.eval.metrics.aggregate``. The retriever must already hold each conversation's turns. A retriever
-    with ``prefetch_queries(queries)`` is handed each conversation's questions first (batch query embedding)."""
-    unbounded = bool(getattr(retriever, "unbounded", False))
-    prefetch = getattr(retriever, "prefetch_queries", None)
-    tokens = lru_cache(maxsize=1 << 16)(count_tokens)  # the same texts come back question after question
+    ``streams.eval.metrics.aggregate``. The retriever must already hold each conversation's turns."""
+    tokens = lru_cache(maxsize=1 << 16)(count_tokens)
     out: list[QuestionEval] = []
     for conv in conversations:
-        t2s: Mapping[str, str] | None = {t.turn_id: t.session_id for t in conv.turns} if with_sessions else None
-        if prefetch is not None:
-            prefetch([qa.question for qa in conv.qa])
-        for qa in conv.qa:
-            items = [as_retrieved(h) for h in retriever.retrieve(conv.user_id, qa.question, k)]
-            qe = question_eval(qa, items, turn_to_session=t2s, unbounded=unbounded, count_tokens=tokens)
+        for answer in ask(conv, retriever, k, tokens):
+            qe = answer.evaluation if with_sessions else replace(answer.evaluation, retrieved_sessions=None)
             out.append(qe)
             if on_question is not None:
                 on_question(qe)

@@ -175,6 +175,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                     "dead letters",
                     f"recall@{kref}",
                     f"recall@{kref} facts-only",
+                    f"recall@{kref} batch credit",
                 ],
                 [
                     [
@@ -188,13 +189,17 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                         str(s["dead_letters"]),
                         _fmt(s["metrics"].get(OVERALL, {}).get(f"evidence_recall@{kref}")),
                         _fmt(s["metrics_facts_only"].get(OVERALL, {}).get(f"evidence_recall@{kref}")),
+                        _fmt((s.get("metrics_batch_credit") or {}).get(OVERALL, {}).get(f"evidence_recall@{kref}")),
                     ]
                     for s in lm
                 ],
             ),
             "",
-            "A summary memory names every turn of its STM batch as its source; *facts-only* scores the same "
-            "ranking with summaries credited with no turns (a lower bound on what the memories themselves state).",
+            "Every recall in this report credits a memory with the turns it states: a fact with its cited source "
+            "turns, a summary with the turns its sentences cite. *facts-only* scores the same ranking with summaries "
+            "credited with no turn (a lower bound); *batch credit* credits each summary with every turn of its STM "
+            "batch that the batch's memories cite (generous: a summary then covers turns it does not state; for "
+            "comparison with older reports only).",
             "",
         ]
     parts += [

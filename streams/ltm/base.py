@@ -1,9 +1,9 @@
 """The store contract and the backend-neutral logic both backends share.
 
 Backends implement a handful of primitives over a neutral ``Scope`` (user, time range, kinds);
-everything that decides *what* is returned — user checks, payload mapping, search modes,
-reciprocal-rank fusion, ordering and tie-breaking — lives here once, so the embedded engine and
-qdrant-client return the same results by construction.
+everything that decides *what* is returned — user checks, payload mapping, search modes, ordering and
+tie-breaking — lives here once. Hybrid fusion is the engine's own (Qdrant's query API: prefetch both branches,
+fuse with DBSF or RRF); the congruence tests check that the embedded engine and qdrant-client agree.
 """
 
 from __future__ import annotations
@@ -145,15 +145,6 @@ def from_payload(payload: Mapping[str, Any]) -> MemoryRecord:
     return MemoryRecord.model_validate({k: v for k, v in payload.items() if k not in DERIVED_FIELDS})
 
 
-def rrf(branches: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
-    """Reciprocal rank fusion: score = sum over branches of 1 / (k + rank), rank from 1; ties by id."""
-    fused: dict[str, float] = {}
-    for hits in branches:
-        for rank, hit in enumerate(hits, start=1):
-            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (k + rank)
-    return sorted((Hit(i, s) for i, s in fused.items()), key=lambda h: (-h.score, h.id))
-
-
 def _ordered(hits: Sequence[Hit]) -> list[Hit]:
     """Best first; equal scores (to float32 precision, which backends differ below) by id."""
     return sorted(hits, key=lambda h: (-float(np.float32(h.score)), h.id))
@@ -184,6 +175,11 @@ class BaseStore(ABC):
         self, scope: Scope, dense: np.ndarray | None, sp: sparse.Sparse | None, limit: int, with_payload: bool
     ) -> list[list[Hit]]:
         """One ranked hit list per given query (dense first, then sparse), all restricted to ``scope``."""
+
+    @abstractmethod
+    def _fused(self, scope: Scope, dense: np.ndarray, sp: sparse.Sparse, depth: int, limit: int) -> list[Hit]:
+        """Both branches (``depth`` candidates each, restricted to ``scope``) fused by the engine in one query
+        (``settings.fusion``: DBSF, or RRF with ``settings.rrf_k``), best ``limit`` with payloads."""
 
     @abstractmethod
     def _fetch(self, scope: Scope, with_vector: bool) -> list[tuple[str, Mapping[str, Any], np.ndarray | None]]:
@@ -220,7 +216,7 @@ class BaseStore(ABC):
             self._write(
                 [records[i].memory_id for i in rows],
                 vecs[rows],
-                [sparse.document_vector(records[i].text) for i in rows],
+                [sparse.document_vector(records[i].index_text or records[i].text) for i in rows],
                 [to_payload(records[i]) for i in rows],
             )
 
@@ -306,9 +302,10 @@ class BaseStore(ABC):
         """Top ``limit`` memories of one user, best first.
 
         ``dense`` ranks by cosine to ``query_vector``; ``sparse`` by BM25 over ``query_text`` (IDF over the user's
-        own memories); ``hybrid`` fuses both (``settings.prefetch`` candidates each) by reciprocal rank fusion and
-        scores are RRF scores. Hybrid without a query vector, or with a text of no searchable terms, degrades to the
-        one branch it has. Equal scores are ordered by memory id. Time bounds keep memories whose events overlap
+        own memories); ``hybrid`` fuses both (``settings.prefetch`` candidates each) in the engine, in one query
+        (``settings.fusion``: DBSF by default, or RRF), and scores are the fused scores. Hybrid without a query
+        vector, or with a text of no searchable terms, degrades to the one branch it has. Equal scores are
+        ordered by memory id. Time bounds keep memories whose events overlap
         [time_from, time_to]; ``kinds`` keeps those kinds.
         """
         user = require_user(user_id, "search")
@@ -335,10 +332,8 @@ class BaseStore(ABC):
             (hits,) = self._query(scope, dense, sp, limit + TIE_SLACK, True)
             return [ScoredMemory(from_payload(h.payload or {}), h.score) for h in _ordered(hits)[:limit]]
         depth = max(self.settings.prefetch, limit)
-        branches = [_ordered(b)[:depth] for b in self._query(scope, dense, sp, depth + TIE_SLACK, False)]
-        fused = rrf(branches, self.settings.rrf_k)[:limit]
-        payloads = {pid: p for pid, p, _ in self._fetch(Scope(user, ids=tuple(h.id for h in fused)), False)}
-        return [ScoredMemory(from_payload(payloads[h.id]), h.score) for h in fused if h.id in payloads]
+        fused = self._fused(scope, dense, sp, depth, limit + TIE_SLACK)
+        return [ScoredMemory(from_payload(h.payload or {}), h.score) for h in _ordered(fused)[:limit]]
 
     def _dense_query(self, query_vector: np.ndarray | None) -> np.ndarray | None:
         if query_vector is None:

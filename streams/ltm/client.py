@@ -125,6 +125,29 @@ class ClientStore(BaseStore):
         results = self._client.query_batch_points(self.collection, requests=requests)
         return [[Hit(str(p.id), float(p.score), p.payload) for p in res.points] for res in results]
 
+    def _fused(self, scope: Scope, dense: np.ndarray, sp: sparse.Sparse, depth: int, limit: int) -> list[Hit]:
+        flt = _scope_filter(scope)
+        idf = models.IdfCorpusParams(corpus=models.Filter(must=[_user_cond(scope.user_id)]))
+        prefetch = [
+            models.Prefetch(query=dense.tolist(), using=DENSE, filter=flt, limit=depth),
+            models.Prefetch(
+                query=models.SparseVector(indices=sp.indices, values=sp.values),
+                using=SPARSE,
+                filter=flt,
+                limit=depth,
+                params=models.SearchParams(idf=idf),
+            ),
+        ]
+        query: Any = (
+            models.FusionQuery(fusion=models.Fusion.DBSF)
+            if self.settings.fusion == "dbsf"
+            else models.RrfQuery(rrf=models.Rrf(k=self.settings.rrf_k))
+        )
+        res = self._client.query_points(
+            self.collection, prefetch=prefetch, query=query, query_filter=flt, limit=limit, with_payload=True
+        )
+        return [Hit(str(p.id), float(p.score), p.payload) for p in res.points]
+
     def _fetch(self, scope: Scope, with_vector: bool) -> list[tuple[str, Mapping[str, Any], np.ndarray | None]]:
         flt = _scope_filter(scope)
         out: list[tuple[str, Mapping[str, Any], np.ndarray | None]] = []

@@ -121,6 +121,22 @@ class EdgeStore(BaseStore):
             results = self._shard.query_batch(qe.QueryBatchRequest(requests))
         return [[Hit(str(p.id), float(p.score), p.payload) for p in res] for res in results]
 
+    def _fused(self, scope: Scope, dense: np.ndarray, sp: sparse.Sparse, depth: int, limit: int) -> list[Hit]:
+        flt = _scope_filter(scope)
+        params = qe.SearchParams(idf=qe.IdfParams(corpus=_user_filter(scope.user_id)))
+        prefetches = [
+            qe.Prefetch(depth, query=qe.Query.Nearest(dense.tolist(), using=DENSE), filter=flt),
+            qe.Prefetch(
+                depth,
+                query=qe.Query.Nearest(qe.SparseVector(sp.indices, sp.values), using=SPARSE),
+                filter=flt,
+                params=params,
+            ),
+        ]
+        fusion: Any = qe.Fusion.Dbsf() if self.settings.fusion == "dbsf" else qe.Fusion.Rrf(k=self.settings.rrf_k)
+        request = qe.QueryRequest(limit=limit, query=fusion, prefetches=prefetches, filter=flt, with_payload=True)
+        return [Hit(str(p.id), float(p.score), p.payload) for p in self._shard.query(request)]
+
     def _fetch(self, scope: Scope, with_vector: bool) -> list[tuple[str, Mapping[str, Any], np.ndarray | None]]:
         flt = _scope_filter(scope)
         out: list[tuple[str, Mapping[str, Any], np.ndarray | None]] = []

@@ -8,8 +8,8 @@ Every point's id is the memory id; its payload is the ``MemoryRecord`` (json mod
 ``event_ts_min``/``event_ts_max`` (epoch seconds) for time-range filters and ``updated_ts`` (epoch seconds of
 ``updated_at``) for ``get_all(updated_after=...)``. Each point carries a
 dense vector (``dense``, cosine) and a BM25 sparse vector (``bm25``, IDF applied by the engine
-over the user's own memories). Hybrid search fuses both with reciprocal rank fusion in Python,
-so every backend returns the same ranking by construction.
+over the user's own memories). Hybrid search fuses both in the engine, in one query (prefetch of both
+branches + DBSF or RRF); the congruence tests check that the backends agree.
 """
 
 from __future__ import annotations
