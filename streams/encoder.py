@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class Encoder:
         self.path = path
         self.batch_size = batch_size
         self._st = SentenceTransformer(str(path), device=device, local_files_only=True)
-        self.dim = int(self._st.get_embedding_dimension())
+        self.dim = int(self._st.get_embedding_dimension() or 0)
         self.tokenizer = self._st.tokenizer
         self.max_seq_length = int(self._st.max_seq_length or 256)
         self._lock = threading.Lock()
@@ -120,13 +121,18 @@ class Encoder:
         return [len(ids) for ids in enc]
 
     @property
+    def _hf_model(self) -> Any:
+        """The underlying transformers model (typed Any: torch's module indexing is a Tensor|Module union)."""
+        return self._st[0].auto_model
+
+    @property
     def max_positions(self) -> int:
-        model = self._st[0].auto_model
+        model = self._hf_model
         return int(getattr(model.config, "max_position_embeddings", 512))
 
     @property
     def num_layers(self) -> int:
-        return int(self._st[0].auto_model.config.num_hidden_layers)
+        return int(self._hf_model.config.num_hidden_layers)
 
     def _attention_model(self, depth: int):  # noqa: ANN202 - a transformers PreTrainedModel
         """The encoder's first ``depth`` layers as their own model, with eager attention (which returns
@@ -152,7 +158,7 @@ class Encoder:
 
         import torch
 
-        model = self._st[0].auto_model
+        model = self._hf_model
         try:
             embeddings = model.embeddings
             attn = model.encoder.layer[0].attention.self
