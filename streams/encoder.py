@@ -112,12 +112,14 @@ class Encoder:
     # -- tokens and attention ---------------------------------------------------------
     def count_tokens(self, text: str) -> int:
         """Encoder tokens of ``text`` without special tokens (the sensory buffer's unit)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._lock:  # the fast tokenizer's padding state is shared: one caller at a time (see embed)
+            return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def count_tokens_batch(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        with self._lock:
+            enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [len(ids) for ids in enc]
 
     @property
@@ -191,8 +193,10 @@ class Encoder:
         limit = self.max_positions - 2
         ids: list[int] = [tok.cls_token_id]
         spans: list[tuple[int, int]] = []
-        for t in texts:
-            piece = tok.encode(t, add_special_tokens=False)[: max(0, limit - (len(ids) - 1))]
+        with self._lock:
+            pieces = [tok.encode(t, add_special_tokens=False) for t in texts]
+        for piece in pieces:
+            piece = piece[: max(0, limit - (len(ids) - 1))]
             spans.append((len(ids), len(ids) + len(piece)))
             ids.extend(piece)
         ids.append(tok.sep_token_id)

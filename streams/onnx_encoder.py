@@ -14,10 +14,12 @@ keeps PyTorch.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +110,10 @@ class OnnxTransformer:
         import onnxruntime as ort
 
         self.path = onnx_path
-        self.tokenizer = tokenizer
+        # its own copy: a fast tokenizer keeps padding/truncation state on the shared Rust object, so a caller
+        # padding a batch while another thread tokenizes without padding gets ragged rows
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
         self.max_seq_length = max_seq_length
         self._sessions: dict[int, Any] = {}
         self._ort = ort
@@ -141,11 +146,15 @@ class OnnxTransformer:
 
     def embed(self, texts: list[str], threads: int = 1) -> np.ndarray:
         """One L2-normalised float32 row per text (texts padded together: pass similar lengths for speed)."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np")
+        with self._lock:
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np"
+            )
+            session = self._session(threads)
         feeds = {name: np.asarray(enc[name], dtype=np.int64) for name in INPUTS if name in enc}
         if "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        hidden = self._session(threads).run(None, feeds)[0]
+        hidden = session.run(None, feeds)[0]
         mask = feeds["attention_mask"][..., None].astype(np.float32)
         pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)

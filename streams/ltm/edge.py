@@ -88,6 +88,8 @@ class EdgeStore(BaseStore):
         with self._lock:
             for i in range(0, len(points), BATCH):
                 self._shard.update(qe.UpdateOperation.upsert_points(points[i : i + BATCH]))
+            # durable before the caller is told the memories exist: a killed owner keeps what it acknowledged
+            self._shard.flush()
 
     def _query(
         self, scope: Scope, dense: np.ndarray | None, sp: sparse.Sparse | None, limit: int, with_payload: bool
@@ -153,6 +155,7 @@ class EdgeStore(BaseStore):
     def _delete(self, scope: Scope) -> None:
         with self._lock:
             self._shard.update(qe.UpdateOperation.delete_points_by_filter(_scope_filter(scope)))
+            self._shard.flush()  # an erasure must survive a crash of the owner
 
     def _count(self, user_id: str | None) -> int:
         flt = _user_filter(user_id) if user_id is not None else None

@@ -74,32 +74,39 @@ def memories(data_dir: Path, users: list[str]) -> dict[str, str]:
         return {r.memory_id: r.text for u in users for r in m.get_all(u)}
 
 
+def kill_mid_write(cmd: list[str], env: dict[str, str], log_path: Path, after_s: float) -> None:
+    """Start the ingest and SIGKILL its process group ``after_s`` seconds later (if it still runs)."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(after_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations: Any) -> None:
     path = tmp_path / "turns.jsonl"
     users = write_input(path, locomo_conversations)
-    clean_dir, crash_dir = tmp_path / "clean", tmp_path / "crash"
+    clean_dir = crash_dir = tmp_path / "clean"
     cmd, env = ingest_cmd(clean_dir, path)
+    started = time.monotonic()
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    clean_s = time.monotonic() - started  # model loading, then writes spread over the ingest's chunks
     clean = memories(clean_dir, users)
     assert len(clean) > 20
-    cmd, env = ingest_cmd(crash_dir, path)
-    log = (tmp_path / "crash.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    store = crash_dir / "qdrant"
-    deadline = time.monotonic() + 300
-    while not store.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    base = _size(store)
-    while _size(store) <= base and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)  # the first batches are being written
-    time.sleep(0.5)
-    assert proc.poll() is None, "the ingest finished before the kill: nothing was cut off"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    after_crash = memories(crash_dir, users)  # the store reopens
-    assert set(after_crash) <= set(clean) and all(after_crash[k] == clean[k] for k in after_crash)
-    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest"
+    after_crash: dict[str, str] = {}
+    for attempt, fraction in enumerate((0.8, 0.9, 0.7, 0.95)):
+        # the kill must land while the owner writes: at a point of the clean run's duration; a run whose timing
+        # differs (a busy machine) gets another try on a fresh store
+        crash_dir = tmp_path / f"crash{attempt}"
+        cmd, env = ingest_cmd(crash_dir, path)
+        kill_mid_write(cmd, env, tmp_path / f"crash{attempt}.log", fraction * clean_s)
+        after_crash = memories(crash_dir, users)  # the store reopens
+        assert set(after_crash) <= set(clean) and all(after_crash[k] == clean[k] for k in after_crash)
+        if 0 < len(after_crash) < len(clean):
+            break
+    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest in four tries"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     final = memories(crash_dir, users)
     print(f"R6 memories clean={len(clean)} after_crash={len(after_crash)} after_rerun={len(final)}")
