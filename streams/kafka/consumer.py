@@ -203,10 +203,17 @@ class ConsumerService:
         self._resume()
 
     def _observe_lag(self, batch: Batch) -> None:
-        """Consumer lag per partition after a committed batch (the end offset minus what was written)."""
+        """Consumer lag per partition after a committed batch (the end offset minus what was written). A metric
+        never stops the stream: partitions revoked meanwhile are skipped."""
         assert self._consumer is not None
+        assigned = self._consumer.assignment()
         for tp, recs in batch.items():
-            end = self._consumer.highwater(tp)
+            if tp not in assigned:
+                continue
+            try:
+                end = self._consumer.highwater(tp)
+            except AssertionError:  # revoked between the check and the call
+                continue
             if end is not None:
                 metrics.set_consumer_lag(self.group_id, tp.topic, tp.partition, max(0, end - recs[-1].offset - 1))
 

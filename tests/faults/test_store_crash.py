@@ -96,9 +96,11 @@ def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations
     clean = memories(clean_dir, users)
     assert len(clean) > 20
     after_crash: dict[str, str] = {}
-    for attempt, fraction in enumerate((0.8, 0.9, 0.7, 0.95)):
-        # the kill must land while the owner writes: at a point of the clean run's duration; a run whose timing
-        # differs (a busy machine) gets another try on a fresh store
+    lo, hi = 0.0, 1.0  # the kill point as a fraction of the clean run's duration, narrowed after each try
+    for attempt in range(6):
+        # the kill must land while the owner writes; the clean run's duration is only a guide (it also exported
+        # the ONNX encoder, a busy machine is slower), so a try that killed too late or too early narrows the window
+        fraction = (lo + hi) / 2
         crash_dir = tmp_path / f"crash{attempt}"
         cmd, env = ingest_cmd(crash_dir, path)
         kill_mid_write(cmd, env, tmp_path / f"crash{attempt}.log", fraction * clean_s)
@@ -106,7 +108,11 @@ def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations
         assert set(after_crash) <= set(clean) and all(after_crash[k] == clean[k] for k in after_crash)
         if 0 < len(after_crash) < len(clean):
             break
-    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest in four tries"
+        if after_crash:
+            hi = fraction
+        else:
+            lo = fraction
+    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest in six tries"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     final = memories(crash_dir, users)
     print(f"R6 memories clean={len(clean)} after_crash={len(after_crash)} after_rerun={len(final)}")
