@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import tests.conftest as _root
 from schemas.records import RawTurn
-from streams import ids
 from streams.kafka.topics import partition_for
 from tests.conftest_kafka import (
     KafkaEnv,
@@ -30,6 +29,7 @@ from tests.conftest_kafka import (
     memories_from_summaries,
     store_memories,
 )
+from tests.faults.common import rekey, sessions_of
 
 if not hasattr(_root, "kafka_env"):  # until tests/conftest.py loads tests.conftest_kafka itself
     from tests.conftest_kafka import kafka_bootstrap, kafka_env, llm_proc, make_kafka_env  # noqa: F401
@@ -49,20 +49,6 @@ BAD_SCHEMA = json.dumps(
     }
 ).encode()
 BAD_SUMMARY = b'{"schema_version": 1, "summary_id": "not-a-summary"}'
-
-
-def sessions_of(turns: Sequence[RawTurn], n: int) -> list[RawTurn]:
-    order: list[str] = []
-    for t in turns:
-        if t.session_id not in order:
-            order.append(t.session_id)
-    keep = set(order[:n])
-    return [t for t in turns if t.session_id in keep]
-
-
-def rekey(turns: Sequence[RawTurn], user: str) -> list[RawTurn]:
-    """The same turns as another user's (ids recomputed)."""
-    return [t.model_copy(update={"user_id": user, "turn_id": ids.turn_id(user, t.session_id, t.seq)}) for t in turns]
 
 
 def users_on_distinct_partitions(n: int, partitions: int) -> list[str]:
