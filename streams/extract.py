@@ -218,6 +218,9 @@ def _topic_line(turns: Sequence[CompressedTurn]) -> str:
     return f"{who} talked about: {', '.join(ranked)}"
 
 
+CONTRACTION_TAILS = frozenset({"s", "t", "m", "d", "ll", "re", "ve"})  # "That's" → "that", "s"
+
+
 def participant_names(speakers: Iterable[str]) -> frozenset[str]:
     """The words of the names of the people (or roles) taking part, as ``states_something`` leaves them out."""
     return frozenset(w for speaker in speakers for w in words(speaker))
@@ -225,12 +228,13 @@ def participant_names(speakers: Iterable[str]) -> frozenset[str]:
 
 def states_something(text: str, names: Collection[str] = frozenset()) -> bool:
     """Whether a turn's text is worth a fact: it has a content word — not a stop word, greeting or back-channel
-    word, nor a word of the name of someone taking part (``names``: "Bye Nate!" or "Thanks, Maria. I will!"
-    states nothing) — and a question has at least two ("How are you?" or "Anything else?" states nothing).
+    word, the tail of a contraction ("That's cool!"), nor a word of the name of someone taking part (``names``:
+    "Bye Nate!" or "Thanks, Maria. I will!" states nothing) — and a question has at least two ("How are you?" or
+    "Anything else?" states nothing).
 
     The one content test of extraction: offline mode keeps a fact per turn that passes it, and the test LLM
     server (``tests.llm_server``) writes facts by it, so both leave out the same small talk."""
-    info = [w for w in content_words(text) if w not in names]
+    info = [w for w in content_words(text) if w not in names and w not in CONTRACTION_TAILS]
     if not info:
         return False
     return len(info) >= 2 or not text.rstrip().endswith("?")

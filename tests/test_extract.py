@@ -286,6 +286,7 @@ def test_addressing_the_others_by_name_states_nothing() -> None:
     assert not states_something("Bye Nate!", names)
     assert not states_something("Thanks Joanna! I will. Bye!", names)
     assert not states_something("Hey Nate, how's it going?", names)
+    assert not states_something("That's cool, Nate! What got you into this biz?", names)
     assert states_something("Nate adopted a turtle", names)
     assert states_something("Bye Nate!")  # the name of someone not taking part is content
     segments = [
