@@ -378,6 +378,61 @@ def test_mcp_tools_round_trip_over_the_client(server):
     assert server.memory.get_all("acme:eve") == []  # the tools went through the server, under the key's tenant
 
 
+def test_mcp_tools_over_streamable_http(server):
+    import socket
+    import time
+
+    import anyio
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LIGHTMEM_API__URL": server.url,
+        "LIGHTMEM_API__KEY": server.keys["a_admin"],
+        "LIGHTMEM_DATA_DIR": str(server.settings.data_dir / "mcp-http-client"),
+    }
+    cmd = [sys.executable, "-m", "streams.cli", "mcp", "--http", "--port", str(port)]
+    refused = subprocess.run([*cmd, "--host", "0.0.0.0"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "loopback" in refused.stderr  # no keys of its own: loopback only
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "lightmem mcp --http did not listen"
+            time.sleep(0.2)
+
+        async def run() -> None:
+            url = f"http://127.0.0.1:{port}/mcp"
+            async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                names = {t.name for t in (await session.list_tools()).tools}
+                assert names == {"add_memory", "search_memory", "list_memories", "forget_user"}
+                added = await session.call_tool(
+                    "add_memory", {"content": "Finn repairs old sailing boats in his garage.", "user_id": "finn"}
+                )
+                assert not added.is_error and added.structured_content["memories"]
+                found = await session.call_tool("search_memory", {"query": "sailing boats", "user_id": "finn"})
+                hits = found.structured_content["result"]
+                assert hits and "sailing" in hits[0]["text"]
+                gone = await session.call_tool("forget_user", {"user_id": "finn"})
+                assert gone.structured_content["memories"] >= 1
+
+        anyio.run(run)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert server.memory.get_all("acme:finn") == []  # through the server, under the key's tenant
+
+
 def test_second_process_opening_the_owned_store_gets_one_line(server):
     env = {
         **os.environ,
