@@ -297,6 +297,7 @@ def test_rate_limit_answers_429_with_retry_after(server, tmp_path):
             assert other.status_code == 200  # per key
     finally:
         limited.writer.close() if limited.writer else None
+        limited.searches.close()
 
 
 def test_health_ready_metrics(server):
