@@ -101,6 +101,19 @@ class Fact(Record):
     )
 
 
+class SourceTurn(Record):
+    """A turn a memory was made from, as it was said (its raw text): kept with the memory so that reading the
+    memory's provenance never needs the (crypto-shredded) raw-turn log. Erased with the memory."""
+
+    turn_id: NonEmpty
+    session_id: NonEmpty
+    seq: int = Field(ge=0)
+    role: NonEmpty
+    speaker: str | None = None
+    timestamp: AwareDatetime
+    text: str = Field(description="the turn's raw text")
+
+
 class SummarySentence(Record):
     """One sentence of a topic summary with the turns it states."""
 
@@ -111,7 +124,7 @@ class SummarySentence(Record):
 class STMSummary(Record):
     """Output of one short-term-memory flush: ONE extraction call. Topic ``stm.summaries``."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     summary_id: NonEmpty = Field(description="uuid5 of the user and all turn ids of the batch")
     user_id: UserId
     session_ids: list[NonEmpty] = Field(min_length=1)
@@ -130,18 +143,26 @@ class STMSummary(Record):
         "or 'extractive' (offline mode)"
     )
     created_at: AwareDatetime
+    turns: list[SourceTurn] = Field(
+        default_factory=list,
+        description="the batch's turns with their raw text, in turn_ids order (v2; v1 summaries carry none)",
+    )
 
 
 class MemoryRecord(Record):
     """A long-term memory point (payload stored in Qdrant, plus its id)."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     memory_id: NonEmpty = Field(description="uuid5 of source turn ids and the fact's position")
     user_id: UserId
     session_ids: list[NonEmpty] = Field(min_length=1)
     text: NonEmpty
     kind: Literal["fact", "summary"]
     source_turn_ids: list[NonEmpty] = Field(min_length=1, description="the turns the text states")
+    source_turns: list[SourceTurn] = Field(
+        default_factory=list,
+        description="those turns with their raw text, in source_turn_ids order (v2; memories written by v1 carry none)",
+    )
     index_text: str | None = Field(
         default=None, description="what the search index reads when it differs from text (e.g. the raw turn)"
     )

@@ -24,7 +24,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, StageCost
+import numpy as np
+
+from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, SourceTurn, StageCost
 from streams import ids
 from streams.dlq import DeadLetterLog
 from streams.erase import ErasureReport, erase_user
@@ -71,13 +73,32 @@ class AmbiguousChange(LookupError):
 
 @dataclass(frozen=True)
 class MemoryView:
-    """One memory as it is now (``record``; None once deleted) and its sleep-time changes, oldest first."""
+    """One memory as it is now (``record``; None once deleted), its sleep-time changes, oldest first, and the turns
+    it was made from (``source_turns``; a deleted memory's as they were before the delete)."""
 
     memory_id: str
     user_id: str
     record: MemoryRecord | None
     changes: list[MemoryChange] = field(default_factory=list)
     caused: list[MemoryChange] = field(default_factory=list)  # changes to other memories this one caused
+
+    def _last(self) -> MemoryRecord | None:
+        """The record as it is, or (deleted) as it was before the change that removed it."""
+        if self.record is not None:
+            return self.record
+        return next((c.old_record for c in reversed(self.changes) if c.old_record is not None), None)
+
+    @property
+    def source_turn_ids(self) -> list[str]:
+        last = self._last()
+        return list(last.source_turn_ids) if last is not None else []
+
+    @property
+    def source_turns(self) -> list[SourceTurn]:
+        """The turns the memory was made from, with their raw text (empty for memories written before memories
+        kept them)."""
+        last = self._last()
+        return list(last.source_turns) if last is not None else []
 
 
 @dataclass(frozen=True)
@@ -198,16 +219,21 @@ class Memory:
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         mode: SearchMode | None = None,
+        query_vector: np.ndarray | None = None,
     ) -> list[ScoredMemory]:
         """The ``limit`` best memories of one user for ``query`` (hybrid, dense or sparse; default from settings),
-        optionally only those of events between ``time_from`` and ``time_to`` (aware datetimes)."""
+        optionally only those of events between ``time_from`` and ``time_to`` (aware datetimes).
+        ``query_vector``: the query's embedding when the caller has it already (e.g. embedded in one pass with
+        other queries); computed here otherwise."""
         user_id = _require_user(user_id)
         if mode not in (None, "hybrid", "dense", "sparse"):
             raise ValueError(f"mode must be hybrid, dense or sparse, not {mode!r}")
         for name, ts in (("time_from", time_from), ("time_to", time_to)):
             if ts is not None and ts.tzinfo is None:
                 raise ValueError(f"{name} must be timezone-aware")
-        vector = None if mode == "sparse" else self.pipeline.stages.encoder.embed_one(query)
+        vector = query_vector
+        if vector is None and mode != "sparse":
+            vector = self.pipeline.stages.encoder.embed_one(query)
         return self.pipeline.store.search(
             user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to
         )

@@ -30,7 +30,16 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from schemas.records import CompressedTurn, DeadLetter, Fact, StageCost, STMSummary, SummarySentence, TopicSegment
+from schemas.records import (
+    CompressedTurn,
+    DeadLetter,
+    Fact,
+    SourceTurn,
+    StageCost,
+    STMSummary,
+    SummarySentence,
+    TopicSegment,
+)
 from streams import ids
 from streams.llm import InvalidOutput, LLMClient, describe_error, parse_model
 from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
@@ -175,6 +184,20 @@ def build_summary(
         facts=facts,
         extractor=extractor_name,
         created_at=now,
+        turns=[source_turn(t) for t in turns],
+    )
+
+
+def source_turn(turn: CompressedTurn) -> SourceTurn:
+    """What a memory keeps of a turn it was made from: where it was said, by whom, and the raw text."""
+    return SourceTurn(
+        turn_id=turn.turn_id,
+        session_id=turn.session_id,
+        seq=turn.seq,
+        role=turn.role,
+        speaker=turn.speaker,
+        timestamp=turn.timestamp,
+        text=turn.raw_text,
     )
 
 

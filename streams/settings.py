@@ -163,7 +163,10 @@ class ApiSettings(BaseModel):
     max_turn_chars: int = Field(default=32_768, ge=1, description="characters of one turn's content")
     page_size: int = Field(default=100, ge=1, le=1000, description="memories per page of GET /v1/memories")
     search_batch_window_ms: float = Field(
-        default=2.0, ge=0, description="concurrent searches arriving within this window share one encoder pass"
+        default=1.0,
+        ge=0,
+        description="concurrent searches arriving within this window share one encoder pass (searches arriving "
+        "while a pass runs share the next one anyway)",
     )
     torch_threads: int = Field(
         default=1,

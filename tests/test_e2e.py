@@ -57,6 +57,16 @@ def test_locomo_conversation_end_to_end(tmp_path, llm, conversation, locomo_conv
         for r in records:
             assert r.user_id == user and set(r.source_turn_ids) <= set(by_id)
             assert r.pipeline_version == settings.pipeline_version
+            # the memory keeps its source turns as they were said, in source_turn_ids order
+            assert [t.turn_id for t in r.source_turns] == r.source_turn_ids
+            for t in r.source_turns:
+                raw = by_id[t.turn_id]
+                assert (t.text, t.session_id, t.seq, t.timestamp) == (
+                    raw.content,
+                    raw.session_id,
+                    raw.seq,
+                    raw.timestamp,
+                )
         for f in facts:
             src = by_id[f.source_turn_ids[0]]
             assert src.speaker and f.text.startswith(src.speaker)

@@ -257,6 +257,9 @@ def test_client_equals_memory_on_the_same_store(server):
         mem = client.get_all("alex")[0]
         view = client.get(mem.memory_id, "alex")
         assert view is not None and view.record == mem and view.user_id == "alex"
+        local_view = server.memory.get(mem.memory_id, "acme:alex")
+        assert local_view is not None and view.source_turns == local_view.source_turns and view.source_turns
+        assert [t.turn_id for t in view.source_turns] == mem.source_turn_ids
         assert client.get("00000000-0000-0000-0000-000000000000", "alex") is None
         with pytest.raises(NotFoundError):
             client.search("cat", "nobody")
@@ -294,6 +297,7 @@ def test_rate_limit_answers_429_with_retry_after(server, tmp_path):
             assert other.status_code == 200  # per key
     finally:
         limited.writer.close() if limited.writer else None
+        limited.searches.close()
 
 
 def test_health_ready_metrics(server):
@@ -322,7 +326,9 @@ def test_compaction_revert_and_erasure_over_http(server):
     change = changes[-1]  # the last change of its memory: nothing since stands in the way of undoing it
     detail = httpx.get(f"{server.url}/v1/memories/{change['memory_id']}", params={"user_id": "dana"}, headers=h)
     assert detail.status_code == 200 and change["change_id"] in [c["change_id"] for c in detail.json()["changes"]]
-    assert detail.json()["source_turn_ids"]
+    sources = detail.json()["source_turns"]
+    assert detail.json()["source_turn_ids"] == [t["turn_id"] for t in sources]
+    assert sources and all(t["text"].startswith(dup) and t["session_id"] in {"s0", "s1", "s2"} for t in sources)
     # another tenant cannot revert it; the owner can
     other = httpx.post(f"{server.url}/v1/changes/{change['change_id']}/revert", headers=server.h("b_admin"))
     assert other.status_code == 404
@@ -332,6 +338,8 @@ def test_compaction_revert_and_erasure_over_http(server):
     gone = httpx.delete(f"{server.url}/v1/users/dana", headers=h)
     assert gone.status_code == 200 and gone.json()["memories"] >= 1 and gone.json()["user_id"] == "dana"
     assert server.memory.get_all("acme:dana") == []
+    # the source turns' texts went with the memories and the change log
+    assert server.memory.get(change["memory_id"], "acme:dana") is None
     assert httpx.get(f"{server.url}/v1/memories", params={"user_id": "dana"}, headers=h).status_code == 404
 
 
@@ -369,6 +377,61 @@ def test_mcp_tools_round_trip_over_the_client(server):
 
     anyio.run(run)
     assert server.memory.get_all("acme:eve") == []  # the tools went through the server, under the key's tenant
+
+
+def test_mcp_tools_over_streamable_http(server):
+    import socket
+    import time
+
+    import anyio
+    from mcp.client.session import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LIGHTMEM_API__URL": server.url,
+        "LIGHTMEM_API__KEY": server.keys["a_admin"],
+        "LIGHTMEM_DATA_DIR": str(server.settings.data_dir / "mcp-http-client"),
+    }
+    cmd = [sys.executable, "-m", "streams.cli", "mcp", "--http", "--port", str(port)]
+    refused = subprocess.run([*cmd, "--host", "0.0.0.0"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "loopback" in refused.stderr  # no keys of its own: loopback only
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "lightmem mcp --http did not listen"
+            time.sleep(0.2)
+
+        async def run() -> None:
+            url = f"http://127.0.0.1:{port}/mcp"
+            async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                names = {t.name for t in (await session.list_tools()).tools}
+                assert names == {"add_memory", "search_memory", "list_memories", "forget_user"}
+                added = await session.call_tool(
+                    "add_memory", {"content": "Finn repairs old sailing boats in his garage.", "user_id": "finn"}
+                )
+                assert not added.is_error and added.structured_content["memories"]
+                found = await session.call_tool("search_memory", {"query": "sailing boats", "user_id": "finn"})
+                hits = found.structured_content["result"]
+                assert hits and "sailing" in hits[0]["text"]
+                gone = await session.call_tool("forget_user", {"user_id": "finn"})
+                assert gone.structured_content["memories"] >= 1
+
+        anyio.run(run)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert server.memory.get_all("acme:finn") == []  # through the server, under the key's tenant
 
 
 def test_second_process_opening_the_owned_store_gets_one_line(server):
@@ -420,3 +483,42 @@ def test_cli_goes_through_the_server_when_its_url_is_set(server):
     )
     assert denied.returncode != 0 and "403" in denied.stderr and "Traceback" not in denied.stderr
     assert server.memory.get_all("acme:alex")
+
+
+def test_concurrent_searches_share_one_encoder_pass_and_equal_single_searches(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import REGISTRY
+
+    from streams.ltm import MissingUserError
+    from streams.service.search import SearchBatcher, SearchRequest
+
+    queries = ["cat from the shelter", "keyboard", "what does alex like?", "grey pet", "spring", "sleeping", "Miso"]
+    cases = [(q, mode) for q in queries for mode in (None, "dense", "sparse")]
+    alone = [server.memory.search(q, "acme:alex", 5, mode=mode) for q, mode in cases]
+
+    def passes() -> float:
+        return REGISTRY.get_sample_value("lightmem_search_encode_batch_count") or 0.0
+
+    batcher = SearchBatcher(server.memory, window_s=0.05)
+    before = passes()
+    try:
+        futures = [batcher.submit(SearchRequest(q, "acme:alex", 5, mode=mode)) for q, mode in cases]
+        bad = batcher.submit(SearchRequest("cat", "", 5))  # a bad search fails alone
+        together = [f.result(timeout=120) for f in futures]
+        with pytest.raises(MissingUserError):
+            bad.result(timeout=120)
+    finally:
+        batcher.close()
+    dense_cases = sum(mode != "sparse" for _, mode in cases)
+    assert 1 <= passes() - before < dense_cases  # the dense and hybrid queries went through shared passes
+    for (q, mode), a, b in zip(cases, alone, together, strict=True):
+        assert [h.record.memory_id for h in b] == [h.record.memory_id for h in a], (q, mode)
+        assert [h.score for h in b] == pytest.approx([h.score for h in a], abs=1e-5)
+    # and over HTTP, many at once (the route goes through the service's batcher)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda q: _search(server, "a", "alex", q), queries))
+    for q, r in zip(queries, responses, strict=True):
+        assert r.status_code == 200
+        want = [h.record.memory_id for h in server.memory.search(q, "acme:alex", 10)]
+        assert [hit["record"]["memory_id"] for hit in r.json()["results"]] == want, q

@@ -115,6 +115,12 @@ def test_serve_kafka_reads_live_and_ends_equal_to_embedded(
         assert len(expected) > 10
         assert set(final) == set(expected), (sorted(set(final) ^ set(expected))[:5], api.tail())
         assert final == {mid: text for mid, (_, text) in expected.items()}
+        # a memory's source turns, with what was said, come from the sink's own store (the raw-turn log is sealed)
+        said = {t.turn_id: t.content for t in scoped}
+        for mid in sorted(final)[:5]:
+            d = httpx.get(f"{url}/v1/memories/{mid}", params={"user_id": user}, headers=headers, timeout=30).json()
+            assert [t["turn_id"] for t in d["source_turns"]] == d["source_turn_ids"]
+            assert all(t["text"] == said[t["turn_id"]] for t in d["source_turns"])
         assert api.terminate() == 0, api.tail()
     finally:
         env.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from streams.cli.common import (
@@ -181,6 +182,9 @@ def history(
         console.print(
             f"[bold]{memory_id}[/] (user {last.user_id}) is [red]not in the store[/] (last change: {last.action})"
         )
+    for turn in view.source_turns if view else []:
+        said = f"{turn.timestamp:%Y-%m-%d %H:%M} {turn.session_id}#{turn.seq} {turn.speaker or turn.role}:"
+        console.print(f"  [dim]{escape(said)}[/] {escape(_short(turn.text))}")
     first = changes[0].old_record if changes else None
     if first is not None:
         console.print(f"  [dim]created {first.created_at:%Y-%m-%d %H:%M:%S} as:[/] {first.text}")

@@ -2,7 +2,8 @@
 
 ``serve`` is the one process that owns the store and serves ``Memory`` over HTTP (``streams.service``); ``keys``
 manages the API keys (their hashes live in ``LIGHTMEM_API__KEYS_FILE``, default ``<data dir>/api_keys.json``);
-``mcp`` offers memory as MCP tools on stdio, through the server at ``LIGHTMEM_API__URL`` when set.
+``mcp`` offers memory as MCP tools on stdio (or streamable HTTP with ``--http``), through the server at
+``LIGHTMEM_API__URL`` when set.
 """
 
 from __future__ import annotations
@@ -110,11 +111,28 @@ def keys_revoke(
 
 
 @app.command()
-def mcp(data_dir: Annotated[Path | None, DATA_DIR_OPT] = None) -> None:
-    """MCP tools (add_memory, search_memory, list_memories, forget_user) on stdio: through the server at
-    LIGHTMEM_API__URL (with LIGHTMEM_API__KEY) when set, else over the embedded store."""
+def mcp(
+    http: Annotated[
+        bool, typer.Option("--http", help="serve MCP over streamable HTTP (at /mcp) instead of stdio")
+    ] = False,
+    host: Annotated[str, typer.Option(help="--http: listen address (loopback only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="--http: listen port")] = 8421,
+    data_dir: Annotated[Path | None, DATA_DIR_OPT] = None,
+) -> None:
+    """MCP tools (add_memory, search_memory, list_memories, forget_user) on stdio, or with --http over streamable
+    HTTP at http://HOST:PORT/mcp: through the server at LIGHTMEM_API__URL (with LIGHTMEM_API__KEY) when set, else
+    over the embedded store."""
     from streams.mcp_server import MemoryLike, build_server
+    from streams.service.run import is_loopback
 
+    if http and not is_loopback(host):
+        # the MCP endpoint takes no key of its own: whoever reaches it acts with LIGHTMEM_API__KEY's rights
+        fail(f"lightmem mcp --http serves without keys, so only on a loopback address, not {host}")
     settings = load_settings(data_dir)
     with open_memory(settings) as memory:
-        build_server(cast(MemoryLike, memory)).run("stdio")
+        server = build_server(cast(MemoryLike, memory))
+        if http:
+            err.print(f"lightmem mcp: streamable HTTP on http://{host}:{port}/mcp")
+            server.run("streamable-http", host=host, port=port)
+        else:
+            server.run("stdio")

@@ -7,8 +7,9 @@ translate the caller's user names into the store's (tenant-scoped) ids and back,
 
 # no ``from __future__ import annotations``: FastAPI reads the routes' annotations, and ``Who``/``Admin`` are local
 # to ``create_app``, so they must be evaluated where the routes are defined
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas import DeadLetter, MemoryChange
 from streams import metrics
@@ -84,14 +85,14 @@ def create_app(service: Service) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(BaseHTTPMiddleware, dispatch=_observe)
+    app.add_middleware(Observe)
 
     @app.exception_handler(MissingUserError)
     async def _missing_user(request: Request, exc: MissingUserError) -> JSONResponse:
         return JSONResponse({"detail": [{"loc": ["query", "user_id"], "msg": str(exc), "type": "missing"}]}, 422)
 
     # -- who is asking ------------------------------------------------------------------------
-    def principal(request: Request) -> Principal:
+    async def principal(request: Request) -> Principal:  # async: no I/O, so no worker-thread hop per request
         header = request.headers.get("authorization", "")
         if service.no_auth:
             who: Principal | None = NO_AUTH
@@ -112,7 +113,7 @@ def create_app(service: Service) -> FastAPI:
 
     Who = Annotated[Principal, Depends(principal)]
 
-    def admin(who: Who) -> Principal:
+    async def admin(who: Who) -> Principal:
         if not who.admin:
             raise _problem(403, "this needs an admin key (lightmem keys create --tenant T --admin)")
         return who
@@ -168,7 +169,7 @@ def create_app(service: Service) -> FastAPI:
 
     # -- reads --------------------------------------------------------------------------------
     @app.get("/v1/search", response_model=SearchOut, responses=ERRORS, tags=["read"])
-    def search(
+    async def search(
         who: Who,
         q: Annotated[str, Query(min_length=1, max_length=4096, description="the query")],
         user_id: UserQuery,
@@ -183,8 +184,11 @@ def create_app(service: Service) -> FastAPI:
                 raise _invalid(["query", name], "needs a UTC offset (e.g. 2024-05-01T10:00:00+00:00)")
         if since is not None and until is not None and since > until:
             raise _invalid(["query", "since"], "since is after until")
-        internal = known(who, user_id)
-        hits = service.memory.search(q, internal, limit, time_from=since, time_to=until, mode=mode)
+        internal = who.internal(user_id)
+        if not service.users.known(internal):  # not seen yet: may re-read the store's users (not on the loop)
+            internal = await asyncio.to_thread(known, who, user_id)
+        # on the event loop, no worker thread: concurrent searches share one encoder pass (streams.service.search)
+        hits = await service.searches.search(q, internal, limit, time_from=since, time_to=until, mode=mode)
         return SearchOut(results=[SearchHit(record=convert.record(who, h.record), score=h.score) for h in hits])
 
     @app.get("/v1/memories", response_model=MemoriesPage, responses=ERRORS, tags=["read"])
@@ -205,7 +209,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/memories/{memory_id}", response_model=MemoryDetail, responses=ERRORS, tags=["read"])
     def get_memory(who: Who, memory_id: MemoryIdPath, user_id: UserQuery) -> MemoryDetail:
-        """One memory with its source turn ids and its sleep-time change history (also once deleted)."""
+        """One memory with its source turns (ids, and the turns with their raw text) and its sleep-time change
+        history (also once deleted)."""
         internal = known(who, user_id)
         view = service.memory.get(memory_id.lower(), internal)
         if view is None:
@@ -308,14 +313,29 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    t0 = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        metrics.observe_http(template, request.method, status, time.perf_counter() - t0)
+class Observe:
+    """Pure ASGI middleware: each HTTP request's route template, method, status and seconds into the metrics.
+
+    (Starlette's ``BaseHTTPMiddleware`` would run every request through an extra task and memory streams.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            metrics.observe_http(template, scope["method"], status, time.perf_counter() - t0)

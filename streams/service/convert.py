@@ -59,17 +59,12 @@ def ingest_out(who: Principal, report: IngestReport) -> IngestOut:
 
 def detail(who: Principal, view: MemoryView) -> MemoryDetail:
     rec = record(who, view.record) if view.record is not None else None
-    sources = list(view.record.source_turn_ids) if view.record is not None else []
-    if not sources:  # deleted: the sources it had are in the change that removed it
-        for c in reversed(view.changes):
-            if c.old_record is not None:
-                sources = list(c.old_record.source_turn_ids)
-                break
     return MemoryDetail(
         memory_id=view.memory_id,
         user_id=_name(who, view.user_id),
         record=rec,
-        source_turn_ids=sources,
+        source_turn_ids=view.source_turn_ids,
+        source_turns=view.source_turns,
         changes=changes(who, view.changes),
         caused=changes(who, view.caused),
     )

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas import DeadLetter, MemoryChange, MemoryRecord, StageCost
+from schemas import DeadLetter, MemoryChange, MemoryRecord, SourceTurn, StageCost
 from streams.service.auth import USER_PATTERN
 
 UserName = Field(pattern=USER_PATTERN, description="letters, digits and . _ @ - (no ':'), at most 128")
@@ -70,12 +70,16 @@ class MemoriesPage(Wire):
 
 
 class MemoryDetail(Wire):
-    """A memory as it is now (``record`` is null once deleted), its source turn ids, and its change history."""
+    """A memory as it is now (``record`` is null once deleted), the turns it was made from (ids, and the turns with
+    their raw text), and its change history. A deleted memory's sources are those it had before the delete."""
 
     memory_id: str
     user_id: str
     record: MemoryRecord | None
     source_turn_ids: list[str]
+    source_turns: list[SourceTurn] = Field(
+        description="the source turns with their text (empty for memories stored before memories kept them)"
+    )
     changes: list[MemoryChange]
     caused: list[MemoryChange] = Field(description="changes to other memories this one caused")
 

@@ -19,6 +19,7 @@ from streams.service.auth import KeyStore, Principal, keys_path
 from streams.service.engine import Writer
 from streams.service.models import CompactOut, ErasureOut, Ready, TurnIn
 from streams.service.ratelimit import RateLimiter
+from streams.service.search import SearchBatcher
 from streams.settings import Settings
 
 T = TypeVar("T")
@@ -72,6 +73,10 @@ class KnownUsers:
         with self._lock:
             self._users.discard(user)
 
+    def known(self, user: str) -> bool:
+        """Whether ``user`` is known now, without re-reading the store."""
+        return user in self._users
+
     def exists(self, user: str) -> bool:
         if user in self._users:
             return True
@@ -104,6 +109,7 @@ class Service:
         self.limiter = RateLimiter(settings.api.rate_limit)
         self.users = KnownUsers(memory.users)
         self.writer = None if streaming else Writer(memory)
+        self.searches = SearchBatcher(memory, settings.api.search_batch_window_ms / 1000)
         self._lock = threading.Lock()  # streaming mode: the API's own store writes (reverts), one at a time
 
     @property
@@ -120,6 +126,7 @@ class Service:
             await self.streaming.stop()
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
+        await asyncio.to_thread(self.searches.close)
 
     # -- writes ---------------------------------------------------------------------------------
     async def write(self, fn: Callable[[], T]) -> T:

@@ -26,8 +26,9 @@ new memories that have close earlier neighbours, in batches, not one call per me
 lost**:
 
 - ``delete`` of an older memory (superseded by the target): the target absorbs the deleted memory's
-  ``source_turn_ids``, ``event_timestamps`` and ``session_ids`` — an ``update`` change of the target with the
-  same text and a bumped version, applied BEFORE the delete; the delete change keeps the whole old record;
+  ``source_turn_ids`` (and ``source_turns``), ``event_timestamps`` and ``session_ids`` — an ``update`` change of
+  the target with the same text and a bumped version, applied BEFORE the delete; the delete change keeps the
+  whole old record;
 - ``update`` of an older memory: the new text is written by the LLM from both memories, so the updated memory
   also takes the target's sources (union), is re-embedded and gets a bumped version;
 - either way the memory that takes over turns is also searched by the words it was credited for: its search
@@ -133,13 +134,15 @@ def _searched_text(record: MemoryRecord) -> str:
 
 
 def absorb(base: MemoryRecord, others: Sequence[MemoryRecord], text: str, now: datetime) -> MemoryRecord:
-    """``base`` with ``text``, the union of its and ``others``' provenance, version bumped, updated now.
+    """``base`` with ``text``, the union of its and ``others``' provenance (source turns with their texts
+    included), version bumped, updated now.
 
     What the search index reads follows the provenance: the new text (when it changed), then what ``base`` and
     each of ``others`` were found by (their ``index_text`` or text), each normalised text once. A memory credited
     with a superseded memory's turns stays findable by that memory's words, and an updated memory's index never
     keeps reading only its old text."""
     turns = _unique([*base.source_turn_ids, *(t for o in others for t in o.source_turn_ids)])
+    said = {t.turn_id: t for r in (base, *others) for t in r.source_turns}
     stamps = sorted(set(base.event_timestamps) | {t for o in others for t in o.event_timestamps})
     sessions = _unique([*base.session_ids, *(s for o in others for s in o.session_ids)])
     searched: dict[str, str] = {}  # normalised → the first text of that form
@@ -150,6 +153,7 @@ def absorb(base: MemoryRecord, others: Sequence[MemoryRecord], text: str, now: d
             "text": text,
             "index_text": "\n".join(searched.values()) if list(searched.values()) != [text] else None,
             "source_turn_ids": turns,
+            "source_turns": [said[t] for t in turns if t in said],
             "event_timestamps": stamps,
             "session_ids": sessions,
             "version": base.version + 1,
