@@ -405,8 +405,8 @@ class TopicReader:
         self.topic = topic
         self.client_id = client_id or f"{kafka.app_id}-reader"
         self.partitions = 0
-        self.begin: dict[int, int] = {}
-        self.end: dict[int, int] = {}
+        self.begin: dict[int, int] = {}  # where the first batches() started (the log start offsets)
+        self.end: dict[int, int] = {}  # the end offsets the latest batches() read up to
         self._consumer: AIOKafkaConsumer | None = None
         self._tps: list[TopicPartition] = []
 
@@ -423,8 +423,8 @@ class TopicReader:
         self._tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
         if self._tps:
             await assign_and_refresh(consumer, self._tps)
-            begin = await consumer.beginning_offsets(self._tps)
-            self.begin = {tp.partition: off for tp, off in begin.items()}
+            # no beginning_offsets() here: asked between assign and seek, it made the first read come back empty
+            # now and then (aiokafka); the first batches() takes the beginning from the positions instead
             await consumer.seek_to_beginning(*self._tps)
 
     async def stop(self) -> None:
@@ -452,7 +452,10 @@ class TopicReader:
         # just after start a partition whose leadership is settling can answer 0: ask until two answers agree
         end = await (consumer.end_offsets(self._tps) if self.end else stable_end_offsets(consumer, self._tps))
         self.end = {tp.partition: off for tp, off in end.items()}
-        remaining = {tp for tp in self._tps if await consumer.position(tp) < end[tp]}
+        position = {tp: await consumer.position(tp) for tp in self._tps}
+        if not self.begin:
+            self.begin = {tp.partition: off for tp, off in position.items()}
+        remaining = {tp for tp in self._tps if position[tp] < end[tp]}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while remaining:
             if deadline is not None and time.monotonic() > deadline:
