@@ -909,8 +909,8 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
 def test_nightly_crontab_emits_one_request_per_active_user() -> None:
     from schemas.records import CompactionRequest, SensoryBufferState
-    from streams.kafka.app import SensoryRow
     from streams.kafka.compaction import install_crontab
+    from streams.kafka.tables import SensoryRow
 
     class Topic:
         def __init__(self) -> None:
