@@ -8,11 +8,13 @@
   it to the summaries topic; the LTM sink, reading it in order with the user's summaries, deletes the user's
   memories (every summary before the barrier derives from turns produced before the erasure and was written
   before it; every summary after it derives from turns produced after it), purges the user's memory changes
-  and dead letters (``purge_user``: tombstones on their per-record keys) and remembers the erasure time, so
-  a memory change computed before the erasure and arriving after it is dropped (the erasure epoch).
+  and dead letters (``purge_user``: tombstones on their per-record keys). A summary or memory change of the
+  user computed before the erasure and arriving after it is dropped (the erasure epoch, ``ErasureEpochs``:
+  read from the control topic, so a restarted or another sink instance knows it too).
   Replay (``streams.kafka.replay``) drops every turn of the user before the barrier: replay after an
   erasure never brings the user back.
-- the **control topic** (compacted, latest command per user): read by the compaction agent (watermark).
+- the **control topic** (compacted, latest command per user): read by the compaction agent (watermark) and by
+  every sink instance (the erasure epochs).
 
 The raw-turn log is append-only and kept forever: the user's turns stay in it, but sealed with their key
 (``streams.kafka.keys``), which the erasure tombstones first, so they can no longer be read (crypto-shredding).
