@@ -82,7 +82,17 @@ def test_erasure_mid_stream_leaves_nothing(make_kafka_env: Any, locomo_conversat
     found = store_memories(env.settings, [erased, kept])
     expected = {**ref_after.result(timeout=300), **ref_other.result(timeout=300)}
     cmp = compare(expected, found)
+    pv = env.settings.pipeline_version
+    before_summaries = [s for s in env.summaries() if set(s.turn_ids) & doomed]  # written, then erased
+    before_ids = set(memories_from_summaries(before_summaries, pv))
+    left = len(before_ids & set(found))
+    print(
+        f"R7 turns={len(before) + len(after) + len(other)} erased mid-stream ({len(before_ids)} memories written "
+        f"before it): {cmp.row()} left_after_erasure={left}"
+    )
+    assert before_ids, "no memory of the user was written before the erasure: nothing was tested"
     assert cmp.exact, cmp.row()
+    assert left == 0
     # a replay of the log brings back only what came after the erasure
     out = env.run_cli("replay", "--collection", "replayed")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -152,5 +162,7 @@ def test_restarted_sink_keeps_the_erasure_epoch(kafka_env: KafkaEnv) -> None:
     found = store_memories(env.settings, ["ann", "bob"])
     expected = memories_from_summaries([*bob, came_back], pv)
     cmp = compare(expected, found)
+    left = len(set(memories_from_summaries([*ann, in_flight], pv)) & set(found))
+    print(f"epoch after a sink restart: {cmp.row()} left_after_erasure={left}")
     assert cmp.exact, cmp.row()
     assert not set(memories_from_summaries([in_flight], pv)) & set(found)
