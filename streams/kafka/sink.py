@@ -12,7 +12,10 @@ consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``ma
    summary overwrites itself;
    An erasure barrier (``ControlRecord`` ``erase_user``, in order with the user's summaries) deletes the
    user's memories, drops their summaries before it in the batch, tombstones their memory changes and
-   dead letters, and records the erasure time: changes of the user computed before it are dropped;
+   dead letters, and records the erasure time. Summaries and changes of a user computed before their latest
+   erasure are dropped (the erasure epoch, ``streams.kafka.erasure.ErasureEpochs``: every erasure is read from
+   the control topic at start-up and the new ones before each batch, so it survives a restart and holds for
+   every sink instance);
 3. hands valid memory changes to the ``apply_changes`` hook (the sleep-time engineer's; the default
    logs that they are not applied yet, and never drops them silently);
 4. sends the dead letters and waits for their acknowledgement;
