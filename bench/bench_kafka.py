@@ -40,38 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from schemas.records import RawTurn  # noqa: E402
-from streams import ids  # noqa: E402
-from streams.kafka.topics import consumer_lag, group_members, partition_for, sink_group_id  # noqa: E402
+from streams.kafka.topics import consumer_lag, group_members, sink_group_id  # noqa: E402
 from streams.loaders import load_locomo  # noqa: E402
 from tests.conftest_kafka import KafkaEnv, LLMProcess, bootstrap_from_env, run_async  # noqa: E402
+from tests.faults.common import corpus, users_on_distinct_partitions  # noqa: E402
 
 LOCOMO = Path(os.environ.get("LIGHTMEM_TEST_DATA", "/work/shared/data")) / "locomo10_dev.json"
 
 
 def build_input(users: int, sessions: int, partitions: int) -> list[RawTurn]:
-    convs = load_locomo(LOCOMO)[:users]
-    names: dict[int, str] = {}
-    i = 0
-    while len(names) < min(users, partitions):
-        u = f"bench-user-{i}"
-        names.setdefault(partition_for(u.encode(), partitions), u)
-        i += 1
-    user_ids = list(names.values())
-    while len(user_ids) < users:
-        user_ids.append(f"bench-user-x{len(user_ids)}")
-    out: list[RawTurn] = []
-    for conv, user in zip(convs, user_ids, strict=False):
-        order: list[str] = []
-        for t in conv.turns:
-            if t.session_id not in order:
-                order.append(t.session_id)
-        keep = set(order[:sessions])
-        out.extend(
-            t.model_copy(update={"user_id": user, "turn_id": ids.turn_id(user, t.session_id, t.seq)})
-            for t in conv.turns
-            if t.session_id in keep
-        )
-    return out
+    """The first ``sessions`` sessions of a LoCoMo conversation per user, users spread over the partitions."""
+    names = users_on_distinct_partitions(users, partitions, prefix="bench-user")
+    return corpus(load_locomo(LOCOMO), names, sessions)
 
 
 def run_embedded(env: KafkaEnv, turns: list[RawTurn]) -> dict[str, Any]:

@@ -362,35 +362,12 @@ async def _committed_any(kafka: KafkaSettings, group: str) -> bool:
 
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
     """Every record up to the end offsets at the start; raises if they cannot be read in ``timeout_s``."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from streams.kafka.topics import partitions_of, read_to_end
 
-    from streams.kafka.topics import assign_and_refresh, partitions_of, stable_end_offsets
-
-    n = (await partitions_of(KafkaSettings(bootstrap_servers=bootstrap), [topic])).get(topic)
-    if not n:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    if not (await partitions_of(kafka, [topic])).get(topic):
         raise LookupError(f"topic {topic} does not exist at {bootstrap}")
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(n)]
-        await assign_and_refresh(consumer, tps)
-        end = await stable_end_offsets(consumer, tps)
-        await consumer.seek_to_beginning(*tps)
-        out: list[Any] = []
-        remaining = {tp for tp in tps if end[tp] > 0}
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for tp, recs in batch.items():
-                out.extend(r for r in recs if r.offset < end[tp])
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        if remaining:
-            raise TimeoutError(f"could not read {topic} to its end offsets {end} within {timeout_s} s")
-        return out
-    finally:
-        await consumer.stop()
+    return await read_to_end(kafka, topic, timeout_s=timeout_s)
 
 
 async def delete_prefixed_topics(kafka: KafkaSettings, prefix: str) -> None:

@@ -10,11 +10,15 @@ from typing import Any
 import pytest
 
 import tests.conftest as _root
+from streams.kafka.produce import produce_raw
 from streams.kafka.topics import (
+    TopicReader,
     admin_client,
     end_offsets,
     ensure_topics,
+    latest_per_key,
     partition_for,
+    read_to_end,
     topic_specs,
 )
 from tests.conftest_kafka import KafkaEnv, run_async
@@ -107,3 +111,33 @@ def test_sink_dead_letters_bad_records_and_commits(make_kafka_env: Any) -> None:
     assert sorted(d.error_type for d in letters) == ["InvalidJSON", "NullValue", "SchemaViolation"]
     assert all(d.stage == "sink" and d.key == "alice" for d in letters)
     # the valid change went to the apply hook, not to the dead letters
+
+
+def test_topic_reader_reads_to_the_end_then_follows(kafka_env: KafkaEnv) -> None:
+    """``read_to_end`` returns every record (tombstones included) up to the end offsets; a ``TopicReader`` kept
+    open reads only what was appended since its previous read; ``latest_per_key`` applies tombstones."""
+    kafka_env.create_topics()
+    k = kafka_env.settings.kafka
+    topic = k.topics.control
+    first = [(f"user-{i}".encode(), f"v{i}".encode()) for i in range(12)]
+    kafka_env.produce_raw(topic, first)
+
+    async def main() -> tuple[list[Any], list[Any], list[Any], dict[bytes, Any]]:
+        async with TopicReader(k, topic) as reader:
+            before = await reader.read()
+            more = [(b"user-0", None), (b"user-1", b"v1-again"), (b"user-99", b"new")]
+            await produce_raw(k, topic, more)
+            appended = await reader.read()
+            nothing = await reader.read()
+        return before, appended, nothing, latest_per_key(await read_to_end(k, topic))
+
+    before, appended, nothing, table = run_async(main())
+    assert sorted((r.key, r.value) for r in before) == sorted(first)
+    assert sorted((r.key, r.value or b"") for r in appended) == [  # offset order per partition only
+        (b"user-0", b""),
+        (b"user-1", b"v1-again"),
+        (b"user-99", b"new"),
+    ]
+    assert nothing == []
+    assert b"user-0" not in table and table[b"user-1"].value == b"v1-again" and table[b"user-99"].value == b"new"
+    assert len(table) == 12

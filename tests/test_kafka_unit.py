@@ -11,8 +11,10 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.records import SensoryBufferState, STMBufferState
-from streams.kafka.app import RESEEK_S, SensoryRow, Shell, STMRow, progress_key
+from streams.kafka.app import Shell
+from streams.kafka.delivery import RESEEK_S
 from streams.kafka.replay import replay_settings
+from streams.kafka.tables import SensoryRow, STMRow, progress_key
 from streams.kafka.topics import key_of, message_dead_letter, partition_for, sink_group_id, topic_specs
 from streams.settings import KafkaSettings, Settings
 from tests.factories import compressed_turn
@@ -91,33 +93,33 @@ async def test_delivery_order_check_seeks_back_over_a_gap(shell: Shell, monkeypa
     consumer = FakeConsumer()
     shell.app.consumer = consumer  # type: ignore[misc]
     table = shell.sensory_table
-    assert await shell._in_order(_msg(shell, 0), table)
-    assert await shell._in_order(_msg(shell, 1), table)
-    assert not await shell._in_order(_msg(shell, 1), table)  # a redelivery of a handled record is skipped
+    assert await shell.delivery.in_order(_msg(shell, 0), table)
+    assert await shell.delivery.in_order(_msg(shell, 1), table)
+    assert not await shell.delivery.in_order(_msg(shell, 1), table)  # a redelivery of a handled record is skipped
     assert shell.stats.redeliveries == 1
     # offset 2 never arrived: 4 is dropped and the partition sought back to 2, once
-    assert not await shell._in_order(_msg(shell, 4), table)
-    assert not await shell._in_order(_msg(shell, 5), table)
+    assert not await shell.delivery.in_order(_msg(shell, 4), table)
+    assert not await shell.delivery.in_order(_msg(shell, 5), table)
     assert [o for _, o in consumer.seeks] == [2]
     assert shell.stats.reseeks == 1
     # the re-fetch arrives in order
     for offset in (2, 3, 4, 5):
-        assert await shell._in_order(_msg(shell, offset), table)
+        assert await shell.delivery.in_order(_msg(shell, offset), table)
     # other partitions are independent
-    assert await shell._in_order(_msg(shell, 0, partition=1), table)
+    assert await shell.delivery.in_order(_msg(shell, 0, partition=1), table)
     # a gap still there long after the seek is sought back again, never skipped while the broker holds it
-    assert not await shell._in_order(_msg(shell, 9), table)
-    tp, sought = next((k, v) for k, v in shell._sought.items() if k.partition == 2)
-    shell._sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
-    assert not await shell._in_order(_msg(shell, 9), table)
+    assert not await shell.delivery.in_order(_msg(shell, 9), table)
+    tp, sought = next((k, v) for k, v in shell.delivery.sought.items() if k.partition == 2)
+    shell.delivery.sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
+    assert not await shell.delivery.in_order(_msg(shell, 9), table)
     assert [o for _, o in consumer.seeks] == [2, 6, 6]
     # ... and accepted only once retention deleted it (the log start moved past it)
     consumer.log_start = 8
-    shell._sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
-    assert not await shell._in_order(_msg(shell, 9), table)  # 8 still exists: sought back to it
+    shell.delivery.sought[tp] = (sought[0], sought[1] - RESEEK_S - 1)
+    assert not await shell.delivery.in_order(_msg(shell, 9), table)  # 8 still exists: sought back to it
     assert consumer.seeks[-1][1] == 8
-    assert await shell._in_order(_msg(shell, 8), table)
-    assert await shell._in_order(_msg(shell, 9), table)
+    assert await shell.delivery.in_order(_msg(shell, 8), table)
+    assert await shell.delivery.in_order(_msg(shell, 9), table)
 
 
 def test_dead_letter_of_a_consumed_record_keeps_the_bytes_and_origin() -> None:

@@ -900,17 +900,11 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
         return first, result, changes, left, marks
 
     async def read_changes() -> list[MemoryChange]:
-        from aiokafka import AIOKafkaConsumer
+        from streams.kafka.topics import read_to_end
 
-        consumer = AIOKafkaConsumer(
-            k.topics.memory_changes, bootstrap_servers=k.bootstrap_servers, auto_offset_reset="earliest"
-        )
-        await consumer.start()
-        try:
-            got = await consumer.getmany(timeout_ms=5000)
-            return [MemoryChange.model_validate_json(r.value) for recs in got.values() for r in recs if r.value]
-        finally:
-            await consumer.stop()
+        return [
+            MemoryChange.model_validate_json(r.value) for r in await read_to_end(k, k.topics.memory_changes) if r.value
+        ]
 
     try:
         first, (sink_stats, agent_stats), changes, left, marks_after_erase = run(scenario())
@@ -937,8 +931,8 @@ def test_kafka_request_to_applied_change(tmp_path, encoder, compaction_llm) -> N
 
 def test_nightly_crontab_emits_one_request_per_active_user() -> None:
     from schemas.records import CompactionRequest, SensoryBufferState
-    from streams.kafka.app import SensoryRow
     from streams.kafka.compaction import install_crontab
+    from streams.kafka.tables import SensoryRow
 
     class Topic:
         def __init__(self) -> None:

@@ -43,7 +43,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,7 @@ from schemas.records import (
     ControlRecord,
     DeadLetter,
     RawTurn,
-    SensoryBufferState,
-    SensoryTableRow,
     StageCost,
-    STMBufferState,
-    STMTableRow,
     TopicSegment,
 )
 from streams import idle, metrics, seqmarks, stm
@@ -71,7 +67,9 @@ from streams.stages import Stages
 
 from .codec import decode
 from .compaction import install_crontab
+from .delivery import Delivery
 from .keys import KeyRing, KeyShredded, unseal
+from .tables import PROGRESS, SensoryRow, STMRow, UserTable
 from .topics import (
     dumps,
     error_dead_letter,
@@ -85,76 +83,6 @@ log = logging.getLogger("streams.kafka.app")
 
 RECENT_SEGMENTS = 1024  # ids of batched segments remembered per user (re-emission guard)
 STATS_EVERY_S = 5.0
-RESEEK_S = 10.0  # a gap still there this long after seeking back is sought back again
-STALL_S = 3.0  # an agent idle this long while a partition of it is behind its end re-fetches that partition
-PROGRESS = b"\x00progress:"  # table keys of per-partition progress rows (user ids never start with NUL)
-
-
-@dataclass
-class SensoryRow:
-    """A mutable view of a ``SensoryTableRow`` (the versioned JSON record of the table)."""
-
-    state: SensoryBufferState
-    offset: int = -1
-    seen_at: float = 0.0
-    pending: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, raw: bytes | None, user_id: str) -> SensoryRow:
-        if raw is None:
-            return cls(SensoryBufferState(user_id=user_id))
-        r = SensoryTableRow.model_validate_json(raw)
-        return cls(r.state, r.offset, r.seen_at, dict(r.pending))
-
-    def dump(self) -> bytes:
-        row = SensoryTableRow(state=self.state, offset=self.offset, seen_at=self.seen_at, pending=self.pending)
-        return row.model_dump_json().encode()
-
-
-@dataclass
-class STMRow:
-    """A mutable view of an ``STMTableRow``."""
-
-    state: STMBufferState
-    offset: int = -1
-    recent: list[str] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, raw: bytes | None, user_id: str) -> STMRow:
-        if raw is None:
-            return cls(stm.empty(user_id))
-        r = STMTableRow.model_validate_json(raw)
-        return cls(r.state, r.offset, list(r.recent))
-
-    def dump(self) -> bytes:
-        return STMTableRow(state=self.state, offset=self.offset, recent=self.recent).model_dump_json().encode()
-
-    def knows(self, segment_id: str) -> bool:
-        return segment_id in self.recent or any(s.segment_id == segment_id for s in self.state.segments)
-
-    def took(self, marks: dict[str, int]) -> bool:
-        """True when STM has taken every turn up to these marks (buffered or batched)."""
-        return all(self.state.last_seq.get(session, -1) >= seq for session, seq in marks.items())
-
-
-class UserTable(faust.Table):
-    """A table keyed by user id whose changelog partition is the key's partition (murmur2, as producers).
-
-    That is the user's raw-turn (and segment) partition, known without a current stream event, so the
-    idle timer can write rows too. (Faust's own ``use_partitioner=True`` needs the changelog topic in
-    the producer's metadata before its first send and crashes otherwise.)
-    """
-
-    def partition_for_key(self, key: Any) -> int | None:
-        assert self.partitions is not None, "UserTable needs its partition count"
-        if key.startswith(PROGRESS):
-            return int(key[len(PROGRESS) :])
-        return partition_for(key, self.partitions)
-
-
-def progress_key(partition: int) -> bytes:
-    """Row of a partition's progress (highest source offset handled): stored in that changelog partition."""
-    return PROGRESS + str(partition).encode()
 
 
 @dataclass
@@ -196,10 +124,6 @@ class Shell:
         self.tick_s = tick_s or max(0.2, min(1.0, self.idle_s / 4))
         self.stats = WorkerStats()
         self._last_stats, self._last_stats_at = "", 0.0
-        self._expected: dict[TP, int] = {}  # next offset per source partition (delivery order check)
-        self._sought: dict[TP, tuple[int, float]] = {}  # partitions sought back: (offset, when)
-        self._busy: dict[str, int] = defaultdict(int)  # events in progress per source topic
-        self._activity: dict[str, float] = defaultdict(time.monotonic)  # last start/end of an event
         self.ledger = CostLedger()
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightmem-cpu")
         self._locks: dict[bytes, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -226,6 +150,7 @@ class Shell:
             value_serializer="raw",
         )
         self.app = app
+        self.delivery = Delivery(app, self.stats)
         raw_kw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.raw_topic = app.topic(t.raw_turns, partitions=self.partitions, **raw_kw)
         self.segments_topic = app.topic(t.segments, partitions=self.partitions, **raw_kw)
@@ -240,7 +165,7 @@ class Shell:
         app.agent(self.raw_topic, name="sensory")(self._sensory_agent)
         app.agent(self.segments_topic, name="stm")(self._stm_agent)
         app.timer(self.tick_s, name="idle-flush")(self._idle_timer)
-        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_assigned.connect(self.delivery.on_assigned)
 
     def _table(self, name: str, help: str) -> UserTable:
         table = UserTable(
@@ -287,100 +212,6 @@ class Shell:
         p = partition_for(key, self.partitions)
         return TP(self.kafka.topics.raw_turns, p) in self.app.assignor.assigned_actives()
 
-    async def _in_order(self, msg: Any, table: UserTable) -> bool:
-        """Accept a delivery unless records before it in its partition never arrived.
-
-        Offsets of our topics are contiguous (no compaction, no transactional markers), so a delivery past
-        the next expected offset means the consumer dropped records: Faust discards a fetch that completes
-        during a rebalance, and counts the skipped offsets as a "gap" it commits past. The partition is then
-        sought back to the expected offset and deliveries past it are dropped until the re-fetch arrives (a
-        redelivery below the expected offset was handled already and is skipped); the seek is repeated every
-        ``RESEEK_S`` while the gap stays. A gap is accepted only when the broker says those offsets are gone
-        (the partition's log start offset moved past them: retention), never because time passed: a busy
-        worker whose re-fetch is slow must not skip records.
-        """
-        tp = TP(msg.topic, msg.partition)
-        expected = self._expected.get(tp)
-        if expected is None:
-            expected = self._progress(table, msg.partition) + 1
-        if msg.offset < expected:
-            # handled already: an agent handles one record at a time and records the partition's progress
-            # after the record's effects (rows, outputs), so everything below it is done
-            self.stats.redeliveries += 1
-            return False
-        if msg.offset == expected:
-            self._sought.pop(tp, None)
-            self._expected[tp] = expected + 1
-            return True
-        now = time.monotonic()
-        sought = self._sought.get(tp)
-        if sought is not None and sought[0] == expected and now - sought[1] < RESEEK_S:
-            return False  # the re-fetch from the expected offset is on its way
-        start = await self._log_start(tp)
-        if start is not None and start > expected:
-            log.warning(
-                "partition %s[%d]: offsets %d..%d were deleted by retention (log start %d); going on",
-                tp.topic,
-                tp.partition,
-                expected,
-                min(start, msg.offset) - 1,
-                start,
-            )
-            self._sought.pop(tp, None)
-            if msg.offset <= start:
-                self._expected[tp] = msg.offset + 1
-                return True
-            self._expected[tp] = start
-            expected = start
-        log.warning(
-            "partition %s[%d]: offset %d delivered while %d was expected (the consumer dropped records); seeking back",
-            tp.topic,
-            tp.partition,
-            msg.offset,
-            expected,
-        )
-        self.stats.reseeks += 1
-        self._sought[tp] = (expected, now)
-        await self.app.consumer.seek(tp, expected)
-        return False
-
-    async def _log_start(self, tp: TP) -> int | None:
-        try:
-            got = await self.app.consumer.earliest_offsets(tp)
-        except Exception:  # noqa: BLE001 - unknown now: keep waiting for the re-fetch, never skip
-            log.warning("cannot read the log start offset of %s[%d]", tp.topic, tp.partition, exc_info=True)
-            return None
-        return got.get(tp)
-
-    async def _on_assigned(self, *args: Any, **kwargs: Any) -> None:
-        self._expected.clear()
-        self._sought.clear()
-
-    def _advance(self, table: UserTable, messages: Sequence[Any]) -> None:
-        """Record the highest offset handled per partition (valid, skipped or dead-lettered alike)."""
-        top: dict[int, int] = {}
-        for m in messages:
-            top[m.partition] = max(top.get(m.partition, -1), m.offset)
-        for part, offset in top.items():
-            if offset > self._progress(table, part):
-                table[progress_key(part)] = str(offset).encode()
-
-    @staticmethod
-    def _progress(table: UserTable, partition: int) -> int:
-        raw = table.get(progress_key(partition))
-        return -1 if raw is None else int(raw)
-
-    def _caught_up(self, table: UserTable, topic: str, partition: int) -> bool:
-        """True when this worker has handled every record of the partition it has fetched the end of.
-
-        An idle timeout only means "the user is idle" when their partition has no backlog: after a restart
-        or a rebalance, a user's last turn may be old while their next turns still wait in the topic.
-        """
-        hw = self._hw(topic, partition)
-        if hw is None:
-            return False  # nothing fetched yet
-        return self._progress(table, partition) >= hw - 1
-
     def _user_keys(self, table: UserTable) -> list[bytes]:
         return [k for k in list(table.keys()) if not k.startswith(PROGRESS) and self._local(k)]
 
@@ -400,18 +231,12 @@ class Shell:
         # One event at a time: Faust's take()/take_events() buffering was seen to leave a partition
         # undelivered after a rebalance (records fetched, never handed to the agent).
         async for event in stream.events():
-            if await self._in_order(event.message, self.sensory_table):
+            if await self.delivery.in_order(event.message, self.sensory_table):
                 await self.handle_turns([event.message])
 
     async def handle_turns(self, messages: Sequence[Any]) -> None:
-        topic = self.kafka.topics.raw_turns
-        self._busy[topic] += 1
-        try:
+        with self.delivery.handling(self.kafka.topics.raw_turns, self.sensory_table, messages):
             await self._handle_turns(messages)
-        finally:
-            self._advance(self.sensory_table, messages)
-            self._busy[topic] -= 1
-            self._activity[topic] = time.monotonic()
 
     async def _handle_turns(self, messages: Sequence[Any]) -> None:
         run: list[Any] = []
@@ -505,18 +330,12 @@ class Shell:
     # -- STM ----------------------------------------------------------------------------------------
     async def _stm_agent(self, stream: faust.StreamT) -> None:
         async for event in stream.events():
-            if await self._in_order(event.message, self.stm_table):
+            if await self.delivery.in_order(event.message, self.stm_table):
                 await self.handle_segment(event.message)
 
     async def handle_segment(self, msg: Any) -> None:
-        topic = self.kafka.topics.segments
-        self._busy[topic] += 1
-        try:
+        with self.delivery.handling(self.kafka.topics.segments, self.stm_table, [msg]):
             await self._handle_segment(msg)
-        finally:
-            self._advance(self.stm_table, [msg])
-            self._busy[topic] -= 1
-            self._activity[topic] = time.monotonic()
 
     async def _handle_segment(self, msg: Any) -> None:
         rec = decode(self._segments_spec, msg, "stm")
@@ -562,44 +381,11 @@ class Shell:
         if app.rebalancing or getattr(app, "in_recovery", False):
             return
         try:
-            await self.unstick_partitions(time.monotonic())
+            t = self.kafka.topics
+            await self.delivery.unstick({t.raw_turns: self.sensory_table, t.segments: self.stm_table}, time.monotonic())
             await self.flush_idle(time.time())
         except Exception:
             log.exception("idle flush failed; retrying on the next tick")
-
-    async def unstick_partitions(self, now: float) -> None:
-        """Re-fetch a partition whose fetched records never reached the agent.
-
-        Faust drops the records of a fetch that completes while the consumer generation changes (a
-        rebalance) without seeking back, and still advances its read offset, so the partition sits
-        behind its end until the next rebalance. When an agent has been idle for ``STALL_S`` while one of
-        its partitions is behind its end offset, that partition is sought back to the first offset the
-        agent has not handled; the offset watermarks of the tables make a re-delivery harmless.
-        """
-        t = self.kafka.topics
-        tables = {t.raw_turns: self.sensory_table, t.segments: self.stm_table}
-        stalled = []
-        for tp in self.app.assignor.assigned_actives():
-            if tp.topic not in tables or self._busy[tp.topic] or now - self._activity[tp.topic] < STALL_S:
-                continue
-            hw = self._hw(tp.topic, tp.partition)
-            done = self._progress(tables[tp.topic], tp.partition)
-            if hw is not None and done < hw - 1:
-                stalled.append((tp, done, hw))
-        for tp, done, hw in stalled:
-            log.warning(
-                "partition %s[%d] stalled: handled up to offset %d of %d, agent idle for %.0f s; seeking back",
-                tp.topic,
-                tp.partition,
-                done,
-                hw - 1,
-                now - self._activity[tp.topic],
-            )
-            self.stats.reseeks += 1
-            self._expected.pop(tp, None)
-            await self.app.consumer.seek(tp, done + 1)
-        for tp, _, _ in stalled:
-            self._activity[tp.topic] = now
 
     def _log_stats(self) -> None:
         """An info line when the counters changed (at most every ``STATS_EVERY_S``): progress per partition."""
@@ -613,7 +399,11 @@ class Shell:
         t = self.kafka.topics
         parts = sorted(tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == t.raw_turns)
         progress = {
-            p: (self._progress(self.sensory_table, p), self._hw(t.raw_turns, p), self._progress(self.stm_table, p))
+            p: (
+                self.delivery.progress(self.sensory_table, p),
+                self.delivery.hw(t.raw_turns, p),
+                self.delivery.progress(self.stm_table, p),
+            )
             for p in parts
         }
         for p, (done, end, _) in progress.items():
@@ -633,17 +423,12 @@ class Shell:
             getattr(self.app.flow_control, "is_active", lambda: None)(),
         )
 
-    def _hw(self, topic: str, partition: int) -> int | None:
-        try:
-            return self.app.consumer.highwater(TP(topic, partition))
-        except (AssertionError, KeyError):
-            return None
-
     async def flush_idle(self, now_s: float) -> None:
         """Flush the sensory, then the STM buffers of this worker's users idle past the timeout."""
         t = self.kafka.topics
         caught_up = {
-            p: self._caught_up(self.sensory_table, t.raw_turns, p) and self._caught_up(self.stm_table, t.segments, p)
+            p: self.delivery.caught_up(self.sensory_table, t.raw_turns, p)
+            and self.delivery.caught_up(self.stm_table, t.segments, p)
             for p in range(self.partitions)
         }
         for key in self._user_keys(self.sensory_table):

@@ -19,8 +19,7 @@ from streams.extract import Extractor
 from streams.redrive import RedriveReport, batch_of, select, summary_of, turn_of
 from streams.settings import Settings
 
-from .erasure import latest_by_key
-from .topics import dumps, ensure_topics, key_of, make_producer, partition_for, record_key
+from .topics import dumps, ensure_topics, key_of, latest_by_key, make_producer, partition_for, record_key
 
 
 async def letters(settings: Settings, stage: str | None = None, user: str | None = None) -> list[DeadLetter]:

@@ -8,11 +8,13 @@
   it to the summaries topic; the LTM sink, reading it in order with the user's summaries, deletes the user's
   memories (every summary before the barrier derives from turns produced before the erasure and was written
   before it; every summary after it derives from turns produced after it), purges the user's memory changes
-  and dead letters (``purge_user``: tombstones on their per-record keys) and remembers the erasure time, so
-  a memory change computed before the erasure and arriving after it is dropped (the erasure epoch).
+  and dead letters (``purge_user``: tombstones on their per-record keys). A summary or memory change of the
+  user computed before the erasure and arriving after it is dropped (the erasure epoch, ``ErasureEpochs``:
+  read from the control topic, so a restarted or another sink instance knows it too).
   Replay (``streams.kafka.replay``) drops every turn of the user before the barrier: replay after an
   erasure never brings the user back.
-- the **control topic** (compacted, latest command per user): read by the compaction agent (watermark).
+- the **control topic** (compacted, latest command per user): read by the compaction agent (watermark) and by
+  every sink instance (the erasure epochs).
 
 The raw-turn log is append-only and kept forever: the user's turns stay in it, but sealed with their key
 (``streams.kafka.keys``), which the erasure tombstones first, so they can no longer be read (crypto-shredding).
@@ -23,27 +25,28 @@ deletes them.
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
 
 from schemas.records import ControlRecord
 from streams.settings import KafkaSettings, Settings
 
 from .topics import (
-    assign_and_refresh,
+    TopicReader,
     dumps,
     ensure_topics,
     key_of,
+    latest_by_key,
     make_producer,
     partition_for,
-    partitions_of,
-    stable_end_offsets,
     user_of_record_key,
 )
+
+log = logging.getLogger(__name__)
 
 
 async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
@@ -65,41 +68,6 @@ async def produce_erasure(settings: Settings, user_id: str) -> ControlRecord:
     finally:
         await producer.stop()
     return record
-
-
-async def latest_by_key(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> dict[bytes, Any]:
-    """The latest record per key of a topic (a compacted topic read as a table; tombstones remove keys)."""
-    n = (await partitions_of(kafka, [topic])).get(topic, 0)
-    if not n:
-        return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(n)]
-        await assign_and_refresh(consumer, tps)
-        end = await stable_end_offsets(consumer, tps)
-        await consumer.seek_to_beginning(*tps)
-        out: dict[bytes, Any] = {}
-        remaining = {tp for tp in tps if end[tp] > 0}
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for tp, recs in batch.items():
-                for r in recs:
-                    if r.offset >= end[tp] or r.key is None:
-                        continue
-                    if r.value is None:
-                        out.pop(r.key, None)
-                    else:
-                        out[r.key] = r
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        if remaining:
-            raise TimeoutError(f"could not read {topic} to its end within {timeout_s} s")
-        return out
-    finally:
-        await consumer.stop()
 
 
 async def user_records(kafka: KafkaSettings, topic: str, user_id: str) -> list[Any]:
@@ -128,3 +96,62 @@ async def purge_user(kafka: KafkaSettings, user_id: str, topics: Iterable[str] |
 
 def user_partition(kafka: KafkaSettings, user_id: str) -> int:
     return partition_for(user_id.encode("utf-8"), kafka.partitions)
+
+
+class ErasureEpochs:
+    """The erasure epoch of every user (the time of their latest erasure), durable and shared.
+
+    Read from the control topic, which keeps every erasure (compacted: the latest command per user), with a
+    group-less reader that stays open: ``start`` reads the topic to its end, so a restarted or a new sink
+    instance knows every erasure made before it started; ``refresh`` reads what was appended since (the sink
+    calls it before each batch, so an erasure acknowledged by ``lightmem forget`` before a batch is processed
+    applies to it, whichever instance processed the in-band barrier). ``note`` records an erasure seen in-band.
+    A record of the user carrying a time at or before their epoch (a summary's ``created_at``, a change's
+    ``at``) was computed before the erasure and must not be written.
+    """
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self.erased: dict[str, datetime] = {}  # never rebound: the compaction agent shares this dict
+        self._reader = TopicReader(kafka, kafka.topics.control, client_id=f"{kafka.app_id}-erasure-epochs")
+        self._started = False
+
+    async def start(self) -> int:
+        """Read every erasure recorded so far; returns the number of users with an epoch."""
+        await self._reader.start()
+        self._started = True
+        await self.refresh()
+        return len(self.erased)
+
+    async def stop(self) -> None:
+        await self._reader.stop()
+        self._started = False
+
+    async def refresh(self, timeout_s: float = 30.0) -> int:
+        """Read the erasures appended to the control topic since the last call; returns how many were read."""
+        if not self._started:
+            return 0
+        n = 0
+        async for batch in self._reader.batches(timeout_s=timeout_s):
+            for rec in batch:
+                if rec.value is None:
+                    continue  # a tombstone clears a command, never an erasure already done
+                try:
+                    cmd = ControlRecord.model_validate_json(rec.value)
+                except ValidationError as exc:  # the compaction agent dead-letters it with the reason
+                    log.warning("invalid control record %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, exc)
+                    continue
+                self.note(cmd)
+                n += 1
+        return n
+
+    def note(self, cmd: ControlRecord) -> None:
+        if cmd.action != "erase_user":
+            return
+        prev = self.erased.get(cmd.user_id)
+        self.erased[cmd.user_id] = max(prev, cmd.requested_at) if prev else cmd.requested_at
+
+    def before_erasure(self, user_id: str, at: datetime) -> bool:
+        """True when a record of ``user_id`` made at ``at`` predates the user's latest erasure."""
+        epoch = self.erased.get(user_id)
+        return epoch is not None and at <= epoch

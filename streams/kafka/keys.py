@@ -24,8 +24,8 @@ from cryptography.fernet import Fernet, InvalidToken
 from schemas.records import RawTurn, UserKey
 from streams.settings import KafkaSettings
 
-from .erasure import latest_by_key, purge_user
-from .topics import dumps, keyed_send
+from .erasure import purge_user
+from .topics import dumps, keyed_send, latest_by_key
 
 log = logging.getLogger(__name__)
 

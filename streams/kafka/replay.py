@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas.records import ControlRecord, DeadLetter, RawTurn
@@ -32,15 +31,7 @@ from streams.settings import Settings
 
 from .codec import decode
 from .keys import KeyRing, KeyShredded, unseal
-from .topics import (
-    BrokerUnavailable,
-    assign_and_refresh,
-    broker_available,
-    error_dead_letter,
-    partitions_of,
-    spec_of,
-    stable_end_offsets,
-)
+from .topics import BrokerUnavailable, TopicReader, broker_available, error_dead_letter, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +77,15 @@ async def replay_topic(
         raise BrokerUnavailable(f"no Kafka broker answers at {kafka.bootstrap_servers}")
     rs = replay_settings(settings, collection, embedder)
     report = ReplayReport(collection=collection)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=f"{kafka.app_id}-replay",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
+    topic = kafka.topics.raw_turns
+    reader = TopicReader(kafka, topic, client_id=f"{kafka.app_id}-replay")
+    await reader.start()
     pipeline: EmbeddedPipeline | None = None
     try:
-        topic = kafka.topics.raw_turns
         spec = spec_of(kafka, "raw_turns")
         keys = KeyRing(kafka)
-        n = (await partitions_of(kafka, [topic])).get(topic)
-        if not n:
+        if not reader.partitions:
             raise RuntimeError(f"topic {topic} does not exist at {kafka.bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in range(n)]
-        await assign_and_refresh(consumer, tps)
-        begin = await consumer.beginning_offsets(tps)
-        end = await stable_end_offsets(consumer, tps)
-        report.end_offsets = {tp.partition: end[tp] for tp in tps}
-        total = sum(end[tp] - begin[tp] for tp in tps)
-        await consumer.seek_to_beginning(*tps)
 
         pipeline = EmbeddedPipeline(rs)
         if not allow_existing and pipeline.store.count() > 0:
@@ -127,61 +105,52 @@ async def replay_topic(
                 report.dead_letters += len(r.dead_letters)
                 pending.clear()
 
-        remaining = {tp for tp in tps if end[tp] > begin[tp]}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=chunk)
-            seen = 0
-            for tp, recs in batch.items():
-                for rec in recs:
-                    if rec.offset >= end[tp]:
-                        break
-                    seen += 1
-                    got = decode(spec, rec, "ingest")
-                    if isinstance(got, DeadLetter):
-                        pipeline.dead_letters.send(got)
-                        report.dead_letters += 1
-                        continue
-                    if isinstance(got, ControlRecord):  # the erasure barrier: nothing of the user before it
-                        user = got.user_id
-                        pending[:] = [t for t in pending if t.user_id != user]
-                        pipeline.forget_user(user)
-                        pipeline.store.delete_user(user)
-                        if isinstance(pipeline.dead_letters, DeadLetterLog):  # e.g. a bad record of theirs
-                            pipeline.dead_letters.remove(
-                                {d.dlq_id for d in pipeline.dead_letters.read() if d.key == user}
-                            )
-                        for mid in [m for m, u in memory_ids.items() if u == user]:
-                            del memory_ids[mid]
-                        last_ts.pop(user, None)
-                        report.erasures += 1
-                        continue
-                    assert isinstance(got, RawTurn)
-                    try:
-                        turn = await unseal(got, keys)
-                    except KeyShredded:  # an erased user's turn: unreadable by design
-                        report.shredded += 1
-                        continue
-                    except (ValueError, ValidationError) as exc:
-                        pipeline.dead_letters.send(error_dead_letter(rec, "ingest", exc))
-                        report.dead_letters += 1
-                        continue
-                    prev = last_ts.get(turn.user_id)
-                    if idle_gaps and idle(None if prev is None else prev / 1000, rec.timestamp / 1000, idle_s):
-                        await ingest()  # this user's earlier turns first, then the idle flush the worker did
-                        r = await pipeline.flush(turn.user_id)
-                        memory_ids.update({m.memory_id: m.user_id for m in r.memories})
-                        report.dead_letters += len(r.dead_letters)
-                    last_ts[turn.user_id] = rec.timestamp
-                    users.add(turn.user_id)
-                    pending.append(turn)
-                    report.turns += 1
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
+        total = 0
+        async for batch in reader.batches(max_records=chunk):
+            total = total or sum(reader.end[p] - reader.begin.get(p, 0) for p in reader.end)
+            for rec in batch:
+                got = decode(spec, rec, "ingest")
+                if isinstance(got, DeadLetter):
+                    pipeline.dead_letters.send(got)
+                    report.dead_letters += 1
+                    continue
+                if isinstance(got, ControlRecord):  # the erasure barrier: nothing of the user before it
+                    user = got.user_id
+                    pending[:] = [t for t in pending if t.user_id != user]
+                    pipeline.forget_user(user)
+                    pipeline.store.delete_user(user)
+                    if isinstance(pipeline.dead_letters, DeadLetterLog):  # e.g. a bad record of theirs
+                        pipeline.dead_letters.remove({d.dlq_id for d in pipeline.dead_letters.read() if d.key == user})
+                    for mid in [m for m, u in memory_ids.items() if u == user]:
+                        del memory_ids[mid]
+                    last_ts.pop(user, None)
+                    report.erasures += 1
+                    continue
+                assert isinstance(got, RawTurn)
+                try:
+                    turn = await unseal(got, keys)
+                except KeyShredded:  # an erased user's turn: unreadable by design
+                    report.shredded += 1
+                    continue
+                except (ValueError, ValidationError) as exc:
+                    pipeline.dead_letters.send(error_dead_letter(rec, "ingest", exc))
+                    report.dead_letters += 1
+                    continue
+                prev = last_ts.get(turn.user_id)
+                if idle_gaps and idle(None if prev is None else prev / 1000, rec.timestamp / 1000, idle_s):
+                    await ingest()  # this user's earlier turns first, then the idle flush the worker did
+                    r = await pipeline.flush(turn.user_id)
+                    memory_ids.update({m.memory_id: m.user_id for m in r.memories})
+                    report.dead_letters += len(r.dead_letters)
+                last_ts[turn.user_id] = rec.timestamp
+                users.add(turn.user_id)
+                pending.append(turn)
+                report.turns += 1
             if len(pending) >= chunk:
                 await ingest()
-            if progress is not None and seen:
-                progress(seen, total)
+            if progress is not None:
+                progress(len(batch), total)
+        report.end_offsets = dict(reader.end)
         await ingest()
         r = await pipeline.flush()
         memory_ids.update({m.memory_id: m.user_id for m in r.memories})
@@ -197,6 +166,6 @@ async def replay_topic(
         )
         return report
     finally:
-        await consumer.stop()
+        await reader.stop()
         if pipeline is not None:
             await pipeline.aclose()

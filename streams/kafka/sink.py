@@ -12,7 +12,10 @@ consumer group (``<app_id>-ltm-sink``, auto-commit off) in batches of up to ``ma
    summary overwrites itself;
    An erasure barrier (``ControlRecord`` ``erase_user``, in order with the user's summaries) deletes the
    user's memories, drops their summaries before it in the batch, tombstones their memory changes and
-   dead letters, and records the erasure time: changes of the user computed before it are dropped;
+   dead letters, and records the erasure time. Summaries and changes of a user computed before their latest
+   erasure are dropped (the erasure epoch, ``streams.kafka.erasure.ErasureEpochs``: every erasure is read from
+   the control topic at start-up and the new ones before each batch, so it survives a restart and holds for
+   every sink instance);
 3. hands valid memory changes to the ``apply_changes`` hook (the sleep-time engineer's; the default
    logs that they are not applied yet, and never drops them silently);
 4. sends the dead letters and waits for their acknowledgement;
@@ -48,7 +51,7 @@ from streams.settings import Settings
 
 from .codec import decode
 from .consumer import PERMANENT, Batch, ConsumerService
-from .erasure import purge_user
+from .erasure import ErasureEpochs, purge_user
 from .topics import dumps, keyed_send, message_dead_letter, sink_group_id, spec_of
 
 log = logging.getLogger(__name__)
@@ -112,7 +115,12 @@ class LTMSink(ConsumerService):
         self.stats = SinkStats()
         self.ledger = CostLedger()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ltm-sink")
-        self.erased: dict[str, datetime] = {}  # user → time of their latest erasure seen (the erasure epoch)
+        self.epochs = ErasureEpochs(kafka)  # user → time of their latest erasure (durable: the control topic)
+
+    @property
+    def erased(self) -> dict[str, datetime]:
+        """User → time of their latest erasure (the erasure epoch); shared with a compaction agent."""
+        return self.epochs.erased
 
     @property
     def topics(self) -> list[str]:
@@ -141,13 +149,18 @@ class LTMSink(ConsumerService):
         loop = asyncio.get_running_loop()
         points = await loop.run_in_executor(self._pool, self.store.delete_user, cmd.user_id)
         purged = await purge_user(self.kafka, cmd.user_id)
-        prev = self.erased.get(cmd.user_id)
-        self.erased[cmd.user_id] = max(prev, cmd.requested_at) if prev else cmd.requested_at
+        self.epochs.note(cmd)
         self.stats.erasures += 1
         log.info("erased user %s: %d memories, %d change/dead-letter records tombstoned", cmd.user_id, points, purged)
 
+    async def start(self) -> None:
+        await super().start()
+        n = await self.epochs.start()
+        log.info("LTM sink: erasure epochs of %d user(s) read from %s", n, self.kafka.topics.control)
+
     async def stop(self) -> None:
         await super().stop()
+        await self.epochs.stop()
         self._pool.shutdown(wait=True)
 
     async def run(  # type: ignore[override]
@@ -191,10 +204,18 @@ class LTMSink(ConsumerService):
         loop = asyncio.get_running_loop()
         for cmd in erasures.values():
             await self._erase(cmd)
-        # a change computed before an erasure of its user (the erasure epoch) is dropped
-        late = [c for c in changes if c.user_id in self.erased and c.at <= self.erased[c.user_id]]
-        if late:
-            log.warning("LTM sink: %d memory change(s) older than their user's erasure dropped", len(late))
+        # a summary or change computed before an erasure of its user (the erasure epoch, kept in the control
+        # topic: a restarted or another sink instance knows it too) is dropped
+        await self.epochs.refresh()
+        late_summaries = [s for s in summaries if self.epochs.before_erasure(s.user_id, s.created_at)]
+        late = [c for c in changes if self.epochs.before_erasure(c.user_id, c.at)]
+        if late or late_summaries:
+            log.warning(
+                "LTM sink: %d summary(ies) and %d memory change(s) older than their user's erasure dropped",
+                len(late_summaries),
+                len(late),
+            )
+            summaries = [s for s in summaries if s not in late_summaries]
             changes = [c for c in changes if c not in late]
 
         now = datetime.now(UTC)

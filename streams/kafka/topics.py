@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
@@ -337,8 +338,6 @@ async def stable_end_offsets(consumer: Any, tps: Sequence[Any], tries: int = 10)
 
 async def end_offsets(kafka: KafkaSettings, topics: Sequence[str]) -> dict[tuple[str, int], int]:
     """Log-end offset of every partition of the topics (those that exist)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
     counts = await partitions_of(kafka, topics)
     tps = [TopicPartition(t, p) for t in topics for p in range(counts.get(t, 0))]
     if not tps:
@@ -387,3 +386,112 @@ async def group_members(kafka: KafkaSettings, group_id: str) -> int:
         return total
     finally:
         await admin.close()
+
+
+# -- reading a topic to its end ---------------------------------------------------------------------
+
+
+class TopicReader:
+    """A group-less consumer assigned to every partition of one topic, read from the beginning.
+
+    ``batches()`` yields the records from where the reader stands up to the end offsets of the moment it is
+    called (records appended meanwhile wait for the next call), in offset order per partition. A reader kept
+    open follows the topic: each ``batches()`` reads only what was appended since the previous one. Nothing is
+    committed. A topic that does not exist reads as empty (``partitions == 0``).
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: str, *, client_id: str | None = None) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.client_id = client_id or f"{kafka.app_id}-reader"
+        self.partitions = 0
+        self.begin: dict[int, int] = {}  # where the first batches() started (the log start offsets)
+        self.end: dict[int, int] = {}  # the end offsets the latest batches() read up to
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tps: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        self.partitions = (await partitions_of(self.kafka, [self.topic])).get(self.topic, 0)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap_servers,
+            client_id=self.client_id,
+            enable_auto_commit=False,
+            group_id=None,
+        )
+        await consumer.start()
+        self._consumer = consumer
+        self._tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+        if self._tps:
+            await assign_and_refresh(consumer, self._tps)
+            # no beginning_offsets() here: asked between assign and seek, it made the first read come back empty
+            # now and then (aiokafka); the first batches() takes the beginning from the positions instead
+            await consumer.seek_to_beginning(*self._tps)
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def __aenter__(self) -> TopicReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def batches(
+        self, *, timeout_s: float | None = None, max_records: int | None = None
+    ) -> AsyncIterator[list[Any]]:
+        """The records up to the current end offsets, a fetched batch at a time (aiokafka ``ConsumerRecord``\\ s,
+        tombstones included); ``TimeoutError`` when the end is not reached within ``timeout_s``."""
+        consumer = self._consumer
+        if consumer is None:
+            raise RuntimeError("TopicReader.batches() before start()")
+        if not self._tps:
+            return
+        # just after start a partition whose leadership is settling can answer 0: ask until two answers agree
+        end = await (consumer.end_offsets(self._tps) if self.end else stable_end_offsets(consumer, self._tps))
+        self.end = {tp.partition: off for tp, off in end.items()}
+        position = {tp: await consumer.position(tp) for tp in self._tps}
+        if not self.begin:
+            self.begin = {tp.partition: off for tp, off in position.items()}
+        remaining = {tp for tp in self._tps if position[tp] < end[tp]}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while remaining:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {self.topic} to its end offsets {self.end} within {timeout_s} s")
+            got = await consumer.getmany(*remaining, timeout_ms=500, max_records=max_records)
+            out = [r for tp, recs in got.items() for r in recs if r.offset < end[tp]]
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+            if out:
+                yield out
+
+    async def read(self, *, timeout_s: float | None = 60.0) -> list[Any]:
+        """Every record up to the current end offsets (see ``batches``)."""
+        return [r async for batch in self.batches(timeout_s=timeout_s) for r in batch]
+
+
+async def read_to_end(kafka: KafkaSettings, topic: str, *, timeout_s: float | None = 60.0) -> list[Any]:
+    """Every record of a topic from the beginning to its end offsets at the call (tombstones included)."""
+    async with TopicReader(kafka, topic) as reader:
+        return await reader.read(timeout_s=timeout_s)
+
+
+def latest_per_key(records: Sequence[Any]) -> dict[bytes, Any]:
+    """A compacted topic read as a table: the latest record per key; a tombstone removes its key."""
+    out: dict[bytes, Any] = {}
+    for r in records:
+        if r.key is None:
+            continue
+        if r.value is None:
+            out.pop(r.key, None)
+        else:
+            out[r.key] = r
+    return out
+
+
+async def latest_by_key(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> dict[bytes, Any]:
+    """The latest record per key of a topic (a compacted topic read as a table; tombstones remove keys)."""
+    return latest_per_key(await read_to_end(kafka, topic, timeout_s=timeout_s))

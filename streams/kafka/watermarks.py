@@ -21,8 +21,7 @@ from schemas.records import WatermarkRecord
 from streams.settings import KafkaSettings
 from streams.sleep.changelog import Watermarks
 
-from .erasure import latest_by_key
-from .topics import key_of
+from .topics import key_of, latest_by_key
 
 
 class TopicWatermarks(Watermarks):

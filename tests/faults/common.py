@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from schemas.records import RawTurn
+from schemas.records import Fact, RawTurn, STMSummary
 from streams import ids
 from streams.kafka.topics import partition_for
 
@@ -23,6 +24,24 @@ def sessions_of(turns: Sequence[RawTurn], n: int) -> list[RawTurn]:
 def rekey(turns: Sequence[RawTurn], user: str) -> list[RawTurn]:
     """The same turns as another user's (ids recomputed)."""
     return [t.model_copy(update={"user_id": user, "turn_id": ids.turn_id(user, t.session_id, t.seq)}) for t in turns]
+
+
+def summary(user: str, n: int, at: datetime | None = None) -> STMSummary:
+    """A one-fact summary of turn ``n`` of the user's session s1, created at ``at`` (default 2024-01-01)."""
+    turns = [ids.turn_id(user, "s1", n)]
+    at = at or datetime(2024, 1, 1, tzinfo=UTC)
+    return STMSummary(
+        summary_id=ids.summary_id(user, turns),
+        user_id=user,
+        session_ids=["s1"],
+        topic_id=f"seg-{n}",
+        segment_ids=[f"seg-{n}"],
+        turn_ids=turns,
+        summary=f"{user} talked about thing {n}",
+        facts=[Fact(text=f"{user} likes thing {n}", source_turn_ids=turns, source_timestamps=[at], session_ids=["s1"])],
+        extractor="extractive",
+        created_at=at,
+    )
 
 
 def users_on_distinct_partitions(n: int, partitions: int, prefix: str = "user") -> list[str]:

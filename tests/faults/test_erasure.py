@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from schemas.records import RawTurn
 from streams.dlq import DeadLetterLog
-from streams.kafka.erasure import latest_by_key, produce_erasure, user_records
-from tests.conftest_kafka import KafkaEnv, LLMProcess, embedded_in_background, run_async, store_memories
-from tests.faults.common import compare, conversation, rekey, sessions_of, users_on_distinct_partitions
+from streams.kafka.erasure import produce_erasure, user_records
+from streams.kafka.produce import produce_records
+from streams.kafka.topics import latest_by_key
+from tests.conftest_kafka import (
+    KafkaEnv,
+    LLMProcess,
+    embedded_in_background,
+    memories_from_summaries,
+    run_async,
+    store_memories,
+)
+from tests.faults.common import compare, conversation, rekey, sessions_of, summary, users_on_distinct_partitions
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -72,7 +82,17 @@ def test_erasure_mid_stream_leaves_nothing(make_kafka_env: Any, locomo_conversat
     found = store_memories(env.settings, [erased, kept])
     expected = {**ref_after.result(timeout=300), **ref_other.result(timeout=300)}
     cmp = compare(expected, found)
+    pv = env.settings.pipeline_version
+    before_summaries = [s for s in env.summaries() if set(s.turn_ids) & doomed]  # written, then erased
+    before_ids = set(memories_from_summaries(before_summaries, pv))
+    left = len(before_ids & set(found))
+    print(
+        f"R7 turns={len(before) + len(after) + len(other)} erased mid-stream ({len(before_ids)} memories written "
+        f"before it): {cmp.row()} left_after_erasure={left}"
+    )
+    assert before_ids, "no memory of the user was written before the erasure: nothing was tested"
     assert cmp.exact, cmp.row()
+    assert left == 0
     # a replay of the log brings back only what came after the erasure
     out = env.run_cli("replay", "--collection", "replayed")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -109,3 +129,40 @@ def test_erasure_tombstones_reach_readers_at_once(kafka_env: KafkaEnv) -> None:
         )
 
     assert asyncio.run(main()) == (2, 0, 1)
+
+
+def test_restarted_sink_keeps_the_erasure_epoch(kafka_env: KafkaEnv) -> None:
+    """The erasure epoch outlives the sink process: erase a user, restart the sink, then deliver a summary of
+    theirs computed before the erasure (in flight meanwhile): nothing of it is written. A summary made after the
+    erasure is written (the user came back), and the other user is untouched."""
+    env = kafka_env
+    env.create_topics()
+    k = env.settings.kafka
+    by_user = lambda s: s.user_id  # noqa: E731
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    ann = [summary("ann", n, old) for n in range(3)]
+    bob = [summary("bob", n, old) for n in range(2)]
+    sink = env.sink("sink-1")
+    run_async(produce_records(k, k.topics.summaries, ann + bob, key=by_user))
+    env.wait_sink_caught_up()
+    erasure = run_async(produce_erasure(env.settings, "ann"))
+    run_async(produce_records(k, k.topics.summaries, [erasure], key=by_user))  # the barrier, as the worker forwards it
+    env.wait_sink_caught_up()
+    assert sink.terminate() == 0, sink.tail()
+    pv = env.settings.pipeline_version
+    assert store_memories(env.settings, ["ann", "bob"]) == memories_from_summaries(bob, pv)
+
+    in_flight = summary("ann", 10, erasure.requested_at - timedelta(seconds=1))  # computed before the erasure
+    came_back = summary("ann", 20, datetime.now(UTC) + timedelta(seconds=1))
+    sink = env.sink("sink-2")  # a new process: it knows the erasure only from the broker
+    run_async(produce_records(k, k.topics.summaries, [in_flight, came_back], key=by_user))
+    env.wait_sink_caught_up()
+    assert sink.terminate() == 0, sink.tail()
+    assert "older than their user's erasure dropped" in sink.log()
+    found = store_memories(env.settings, ["ann", "bob"])
+    expected = memories_from_summaries([*bob, came_back], pv)
+    cmp = compare(expected, found)
+    left = len(set(memories_from_summaries([*ann, in_flight], pv)) & set(found))
+    print(f"epoch after a sink restart: {cmp.row()} left_after_erasure={left}")
+    assert cmp.exact, cmp.row()
+    assert not set(memories_from_summaries([in_flight], pv)) & set(found)

@@ -10,38 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from schemas.records import Fact, STMSummary
-from streams import ids
 from streams.kafka.produce import produce_records
 from streams.kafka.sink import LTMSink
 from streams.kafka.topics import ensure_topics, group_members
 from streams.ltm import open_store
 from streams.memories import EmbeddingCache, summary_to_memories
 from tests.conftest_kafka import KafkaEnv
+from tests.faults.common import summary
 
 pytestmark = [pytest.mark.kafka, pytest.mark.faults, pytest.mark.timeout(300)]
-
-
-def summary(user: str, n: int) -> STMSummary:
-    turns = [ids.turn_id(user, "s1", n)]
-    at = datetime(2024, 1, 1, tzinfo=UTC)
-    return STMSummary(
-        summary_id=ids.summary_id(user, turns),
-        user_id=user,
-        session_ids=["s1"],
-        topic_id=f"seg-{n}",
-        segment_ids=[f"seg-{n}"],
-        turn_ids=turns,
-        summary=f"{user} talked about thing {n}",
-        facts=[Fact(text=f"{user} likes thing {n}", source_turn_ids=turns, source_timestamps=[at], session_ids=["s1"])],
-        extractor="extractive",
-        created_at=at,
-    )
 
 
 class SwitchedStore:
