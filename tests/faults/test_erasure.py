@@ -150,7 +150,7 @@ def test_restarted_sink_keeps_the_erasure_epoch(kafka_env: KafkaEnv) -> None:
     env.wait_sink_caught_up()
     assert sink.terminate() == 0, sink.tail()
     pv = env.settings.pipeline_version
-    assert store_memories(env.settings, ["ann", "bob"]) == memories_from_summaries(bob, pv)
+    assert store_memories(env.settings, ["ann", "bob"]) == memories_from_summaries(bob, pv), sink.tail()
 
     in_flight = summary("ann", 10, erasure.requested_at - timedelta(seconds=1))  # computed before the erasure
     came_back = summary("ann", 20, datetime.now(UTC) + timedelta(seconds=1))
