@@ -4,7 +4,8 @@ For each LoCoMo conversation (and each STM threshold of ``--thresholds``): a fre
 conversation with extraction in LLM mode, every question is searched (recall before), one sleep-time
 compaction runs in LLM mode, every question is searched again (recall after). The LLM is the deterministic
 OpenAI-compatible test server (``tests.llm_server``, started in-process unless ``--base-url`` names one): it
-extracts one fact per non-empty turn and deletes near-duplicates during compaction. Calls and tokens are what the
+extracts one fact per turn that states something (the product's content test: no fact for "Bye Nate!") and
+deletes near-duplicates (same speaker, nearly the same words) during compaction. Calls and tokens are what the
 client counted (the server reports ``usage``), so the bill is the product's, but the answers are not a real
 model's: a real LLM writes fewer, merged facts, and its output tokens differ.
 

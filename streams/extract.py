@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,7 +36,7 @@ from streams.llm import InvalidOutput, LLMClient, describe_error, parse_model
 from streams.prompts import EXTRACTION_PROMPT_VERSION, ExtractedFact, ExtractionResponse, build_extraction_prompt
 from streams.segment import turn_label
 from streams.settings import LLMSettings
-from streams.text import content_words, stem
+from streams.text import content_words, stem, words
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,31 @@ def _topic_line(turns: Sequence[CompressedTurn]) -> str:
     return f"{who} talked about: {', '.join(ranked)}"
 
 
-def informative(turn: CompressedTurn) -> bool:
-    """Whether a turn is worth a fact: it has a content word (not a stop word, greeting or back-channel word),
-    and a question has at least two (a question such as "How are you?" or "Anything else?" states nothing)."""
-    info = content_words(turn.raw_text)
+CONTRACTION_TAILS = frozenset({"s", "t", "m", "d", "ll", "re", "ve"})  # "That's" → "that", "s"
+
+
+def participant_names(speakers: Iterable[str]) -> frozenset[str]:
+    """The words of the names of the people (or roles) taking part, as ``states_something`` leaves them out."""
+    return frozenset(w for speaker in speakers for w in words(speaker))
+
+
+def states_something(text: str, names: Collection[str] = frozenset()) -> bool:
+    """Whether a turn's text is worth a fact: it has a content word — not a stop word, greeting or back-channel
+    word, the tail of a contraction ("That's cool!"), nor a word of the name of someone taking part (``names``:
+    "Bye Nate!" or "Thanks, Maria. I will!" states nothing) — and a question has at least two ("How are you?" or
+    "Anything else?" states nothing).
+
+    The one content test of extraction: offline mode keeps a fact per turn that passes it, and the test LLM
+    server (``tests.llm_server``) writes facts by it, so both leave out the same small talk."""
+    info = [w for w in content_words(text) if w not in names and w not in CONTRACTION_TAILS]
     if not info:
         return False
-    return len(info) >= 2 or not turn.raw_text.rstrip().endswith("?")
+    return len(info) >= 2 or not text.rstrip().endswith("?")
+
+
+def informative(turn: CompressedTurn, names: Collection[str] = frozenset()) -> bool:
+    """``states_something`` of the turn's raw text (what compression cut still counts)."""
+    return states_something(turn.raw_text, names)
 
 
 def _salient_sentences(alias_map: dict[int, CompressedTurn], candidates: Sequence[int]) -> list[ExtractedFact]:
@@ -277,10 +295,10 @@ def extractive_summary(
 ) -> STMSummary:
     """Offline mode (no LLM), deterministic, labelled ``extractor="extractive"``.
 
-    - facts: one per informative turn (see ``informative``: greetings, back-channel and questions that state
-      nothing are left out), ``"<speaker or role>: <compressed_text>"``, with that turn as its single source;
-      the search index reads the raw turn with its preceding turn (``_index_text``), so what compression cut,
-      and the question a short answer answers, can still be found.
+    - facts: one per informative turn (see ``states_something``: greetings, back-channel, addressing the others
+      by name and questions that state nothing are left out), ``"<speaker or role>: <compressed_text>"``, with
+      that turn as its single source; the search index reads the raw turn with its preceding turn
+      (``_index_text``), so what compression cut, and the question a short answer answers, can still be found.
     - summary: up to ``SUMMARY_SENTENCES`` real sentences of the batch (``"<speaker>: <sentence>"``, see
       ``_salient_sentences``), each citing its turn; the topic line of ``_topic_line`` when no turn has content.
 
@@ -290,7 +308,8 @@ def extractive_summary(
     _check_batch(user_id, segments)
     turns = _turns(segments)
     alias_map = dict(enumerate(turns, start=1))
-    kept = [a for a, t in alias_map.items() if t.compressed_text.strip() and informative(t)]
+    names = participant_names(_who(t) for t in turns)
+    kept = [a for a, t in alias_map.items() if t.compressed_text.strip() and informative(t, names)]
     sentences = _salient_sentences(alias_map, kept)
     if not sentences and (said := [a for a, t in alias_map.items() if t.compressed_text.strip()]):
         longest = max(said, key=lambda a: (len(alias_map[a].compressed_text), -a))  # a batch of small talk

@@ -5,14 +5,18 @@ it parses the turn lines ``[n] (YYYY-MM-DD HH:MM) speaker: text`` of the last us
 valid extraction JSON::
 
     {"summary": "<speaker> and <speaker> discussed: <first 8 words of the first non-empty turn>",
-     "facts": [{"text": "<speaker> (on <YYYY-MM-DD>): <text>", "sources": [n]}, ...]}   # one per non-empty turn
+     "facts": [{"text": "<speaker> (on <YYYY-MM-DD>): <text>", "sources": [n]}, ...]}
 
-so identical prompts give identical answers (the Kafka path can be compared with the embedded path).
+with one fact per turn that states something by the product's own content test (``streams.extract.
+states_something``, the one offline extraction keeps its facts by: greetings, back-channel, "Bye Nate!" and
+empty questions state nothing); a batch of small talk only still gets one fact (its longest turn), as the
+prompt asks. Identical prompts give identical answers (the Kafka path can be compared with the embedded path).
 
 It answers the sleep-time compaction prompt (``streams.sleep.prompts``) too, by a rule on the texts alone:
 for each (new memory, older memory) pair shown, "delete" when the older memory is a near-duplicate of the new
-one — the same normalised words, or content-word sets with Jaccard overlap ≥ ``DUPLICATE_JACCARD`` — and
-nothing (ignore) otherwise; each older memory at most once. ``parse_compaction_prompt`` reads that prompt back.
+one — the same normalised words, or word sets with Jaccard overlap ≥ ``DUPLICATE_JACCARD``; two of this
+server's own facts only when the same speaker said them, compared without the speaker and date — and nothing
+(ignore) otherwise; each older memory at most once. ``parse_compaction_prompt`` reads that prompt back.
 
 Other prompts can be answered by ``register``-ed responders (in-process only; they are asked first); a prompt
 nobody answers gets ``{"summary": "", "facts": []}``.
@@ -58,6 +62,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from streams.extract import participant_names, states_something
 from streams.sleep.decide import normalise
 from streams.sleep.prompts import COMPACTION_SYSTEM_PROMPT, COMPARE_PREFIX, NEW_HEADER, OLDER_HEADER
 from streams.tokens import count_messages_tokens, count_tokens
@@ -67,6 +72,7 @@ TURN_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2}) \d{2}:\d{2}\) (.+?):(?
 SUMMARY_WORDS = 8
 MEMORY_LINE = re.compile(r"^\[(\d+)\] \((\d{4}-\d{2}-\d{2} \d{2}:\d{2})\) (.*)$")
 DUPLICATE_JACCARD = 0.75
+OWN_FACT = re.compile(r"^(.+?) \(on \d{4}-\d{2}-\d{2}\): (.*)$")  # a fact as extraction_answer writes it
 
 Responder = Callable[[list[dict[str, Any]]], str | None]
 
@@ -98,11 +104,15 @@ def extraction_answer(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
     who = " and ".join(speakers)
     if not spoken:
         return {"summary": f"{who} exchanged no content", "facts": []}
+    names = participant_names(speakers)
+    stating = [t for t in spoken if states_something(t[3], names)]
+    if not stating:  # small talk only: the prompt still asks for one fact
+        stating = [max(spoken, key=lambda t: (len(t[3]), -t[0]))]
     first_words = " ".join(spoken[0][3].split()[:SUMMARY_WORDS])
     return {
         "summary": f"{who} discussed: {first_words}",
         "facts": [
-            {"text": f"{speaker} (on {date}): {body}", "sources": [alias]} for alias, date, speaker, body in spoken
+            {"text": f"{speaker} (on {date}): {body}", "sources": [alias]} for alias, date, speaker, body in stating
         ],
     }
 
@@ -148,8 +158,17 @@ def _words(text: str) -> set[str]:
 
 
 def near_duplicate(new: str, old: str) -> bool:
+    """Same normalised text, or word sets (words of three letters or more) with Jaccard ≥ ``DUPLICATE_JACCARD``.
+    Two facts in this server's own format (``<speaker> (on <date>): <text>``) are compared by what they say:
+    only facts of the same speaker, and without the speaker and date (metadata shared by many facts, not
+    evidence that two of them say the same thing)."""
     if normalise(new) == normalise(old):
         return True
+    own_new, own_old = OWN_FACT.match(new), OWN_FACT.match(old)
+    if own_new and own_old:
+        if normalise(own_new.group(1)) != normalise(own_old.group(1)):
+            return False
+        new, old = own_new.group(2), own_old.group(2)
     a, b = _words(new), _words(old)
     return bool(a and b) and len(a & b) / len(a | b) >= DUPLICATE_JACCARD
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from streams.api import Memory
+from streams.extract import participant_names, states_something
 from streams.ltm import MissingUserError
 from streams.settings import Settings, STMSettings, StoreSettings
 from streams.stages import Stages
@@ -60,9 +61,13 @@ def test_locomo_conversation_end_to_end(tmp_path, llm, conversation, locomo_conv
             src = by_id[f.source_turn_ids[0]]
             assert src.speaker and f.text.startswith(src.speaker)
             assert f.event_timestamps == sorted(by_id[t].timestamp for t in f.source_turn_ids)
-        # no loss: every non-empty turn is the source of some fact
+        # no loss: every turn that states something is the source of some fact (small talk, such as "Bye
+        # Gina!", is left out by the product's content test, which the test LLM writes its facts by)
         covered = {t for f in facts for t in f.source_turn_ids}
-        assert {t.turn_id for t in conversation if t.content.strip()} <= covered
+        names = participant_names({t.speaker or t.role for t in conversation})
+        stating = {t.turn_id for t in conversation if states_something(t.content, names)}
+        assert stating and stating <= covered
+        assert len(stating) > 0.9 * len(conversation)
         # search finds the memory of a specific turn, scoped to the user
         probe = next(t for t in conversation if len(t.content.split()) > 12)
         hits = m.search(probe.content, user_id=user, limit=5)

@@ -24,6 +24,8 @@ from streams.extract import (
     build_summary,
     extractive_summary,
     parse_extraction,
+    participant_names,
+    states_something,
 )
 from streams.memories import summary_to_memories
 from streams.prompts import (
@@ -279,6 +281,34 @@ def test_extractive_summary_of_small_talk_still_cites_a_turn() -> None:
     assert [(r.kind, r.source_turn_ids) for r in records] == [("summary", [segments[0].turns[1].turn_id])]
 
 
+def test_addressing_the_others_by_name_states_nothing() -> None:
+    names = participant_names(["Joanna", "Nate"])
+    assert not states_something("Bye Nate!", names)
+    assert not states_something("Thanks Joanna! I will. Bye!", names)
+    assert not states_something("Hey Nate, how's it going?", names)
+    assert not states_something("That's cool, Nate! What got you into this biz?", names)
+    assert states_something("Nate adopted a turtle", names)
+    assert states_something("Bye Nate!")  # the name of someone not taking part is content
+    segments = [
+        segment(
+            turn(0, "Totally! Bye Nate!", speaker="Joanna"),
+            turn(1, "I adopted a turtle named Tim", speaker="Nate"),
+            turn(2, "Bye Joanna!", speaker="Nate"),
+        )
+    ]
+    offline = extractive_summary(USER, segments, NOW)
+    assert [f.source_turn_ids for f in offline.facts] == [[segments[0].turns[1].turn_id]]
+    # the test LLM server writes its facts by the same content test
+    messages, _ = build_extraction_prompt(segments)
+    answer = extraction_answer(messages)
+    assert answer is not None and [f["sources"] for f in answer["facts"]] == [[2]]
+    # a batch of small talk only: offline stores no fact, the server still writes one (the prompt asks for one)
+    small_talk = [segment(turn(0, "Bye Nate!", speaker="Joanna"), turn(1, "Bye Joanna! Take care!", speaker="Nate"))]
+    assert extractive_summary(USER, small_talk, NOW).facts == []
+    answer = extraction_answer(build_extraction_prompt(small_talk)[0])
+    assert answer is not None and [f["sources"] for f in answer["facts"]] == [[2]]
+
+
 def test_extractive_summary_with_facts_is_not_stored_twice() -> None:
     summary = extractive_summary(USER, batch(), NOW)
     assert summary.facts and summary.summary_sentences
@@ -308,13 +338,16 @@ async def test_happy_path_through_the_server(llm: LLMServer) -> None:
     assert result.dead_letter is None and result.attempts == 1
     assert summary.extractor == "llm:test-model/extract/v2"
     assert summary.summary == "Caroline and Melanie and user discussed: I went to the LGBTQ support group yesterday"
+    # Melanie's "That sounds great, how did it go?" states nothing: no fact, as in offline mode
     assert [f.text for f in summary.facts] == [
         "Caroline (on 2023-05-08): I went to the LGBTQ support group yesterday",
-        "Melanie (on 2023-05-08): That sounds great, how did it go?",
         "user (on 2023-05-08): Remind me to call the adoption agency",
     ]
-    assert [f.source_turn_ids for f in summary.facts] == [[t.turn_id] for t in turns]
-    assert [f.source_timestamps for f in summary.facts] == [[t.timestamp] for t in turns]
+    stating = [turns[0], turns[2]]
+    assert [f.source_turn_ids for f in summary.facts] == [[t.turn_id] for t in stating]
+    assert [f.source_timestamps for f in summary.facts] == [[t.timestamp] for t in stating]
+    offline = extractive_summary(USER, segments, NOW)
+    assert [f.source_turn_ids for f in offline.facts] == [f.source_turn_ids for f in summary.facts]
     assert result.cost.calls == 1 and result.cost.items == 3
     assert result.cost.input_tokens > 0 and result.cost.output_tokens > 0
     assert result.cost.seconds > 0
@@ -353,7 +386,7 @@ async def test_each_fault_is_retried_then_succeeds(llm: LLMServer, fault: str) -
     assert result.dead_letter is None
     assert result.cost.calls == 2 and result.attempts == 2
     assert len(llm.requests) == 2
-    assert len(result.unwrap().facts) == 3
+    assert len(result.unwrap().facts) == 2  # the batch's turns that state something
     assert llm.faults_pending == []
 
 
@@ -361,7 +394,7 @@ async def test_fenced_json_is_accepted_first_time(llm: LLMServer) -> None:
     llm.inject("fenced")
     async with Extractor(llm_settings(llm), PIPELINE) as extractor:
         result = await extractor.extract(USER, batch(), NOW)
-    assert result.cost.calls == 1 and len(result.unwrap().facts) == 3
+    assert result.cost.calls == 1 and len(result.unwrap().facts) == 2
 
 
 async def test_mixed_faults_use_all_retries(llm: LLMServer) -> None:

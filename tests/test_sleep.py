@@ -36,7 +36,13 @@ from streams.sleep.decide import (
 )
 from streams.sleep.prompts import COMPACTION_PROMPT_VERSION, PromptTarget, build_compaction_prompt
 from tests.fixtures_llm import llm_settings
-from tests.llm_server import LLMServer, compaction_answer, is_compaction_prompt, parse_compaction_prompt
+from tests.llm_server import (
+    LLMServer,
+    compaction_answer,
+    is_compaction_prompt,
+    near_duplicate,
+    parse_compaction_prompt,
+)
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -275,6 +281,20 @@ def test_offline_rule() -> None:
     assert got == {same.memory_id: "delete", near.memory_id: "delete", other.memory_id: "ignore"}
 
 
+def test_test_server_rule_compares_what_its_facts_say() -> None:
+    """The test LLM's near-duplicate rule: its own facts ("<speaker> (on <date>): <text>") only of the same
+    speaker, compared without the speaker and date; other texts as they are."""
+    assert near_duplicate(
+        "Nate (on 2022-11-07): I adopted a turtle named Tim", "Nate (on 2022-03-01): adopted turtle named Tim!"
+    )
+    assert not near_duplicate("Joanna (on 2022-06-05): Bye Nate!", "Nate (on 2022-11-09): Bye Joanna!")
+    assert not near_duplicate(
+        "Joanna (on 2022-06-05): I love hiking trails", "Nate (on 2022-06-05): I love hiking trails"
+    )
+    assert not near_duplicate("Nate (on 2022-06-05): I love hiking trails", "Nate (on 2022-06-05): I love video games")
+    assert near_duplicate("Ann has a cat named Miso.", "ann has a cat named miso")
+
+
 def test_select_targets_is_incremental() -> None:
     old, new = mem("u", "old", 0, 0), mem("u", "new", 1, 2)
     summary = mem("u", "summary", 2, 2, kind="summary")
@@ -298,6 +318,10 @@ def test_delete_keeps_provenance_and_record() -> None:
     ]
     changes = build_changes(target, cands, decisions, "llm:test", "pv", now)
     assert [c.action for c in changes] == ["update", "update", "delete"]
+    # a superseded memory of the same normalised text adds nothing to what the survivor is searched by
+    same = mem("u", "alice now lives in berlin", 0, 0)
+    (kept, _) = build_changes(target, [Candidate(same, 0.99)], [Decision(same.memory_id, "delete")], "m", "pv", now)
+    assert kept.new_record is not None and kept.new_record.index_text is None
     upd, absorb, delete = changes
     assert upd.memory_id == other.memory_id and upd.new_record is not None
     assert set(upd.new_record.source_turn_ids) == set(other.source_turn_ids) | set(target.source_turn_ids)
@@ -306,6 +330,10 @@ def test_delete_keeps_provenance_and_record() -> None:
     assert absorb.new_record.text == target.text and absorb.new_record.version == 2
     assert set(absorb.new_record.source_turn_ids) == set(target.source_turn_ids) | set(older.source_turn_ids)
     assert absorb.caused_by == [older.memory_id]
+    # the survivor is searched by the superseded memory's words too ("Paris"), each text once
+    assert absorb.new_record.index_text == "Alice now lives in Berlin.\nAlice lives in Paris."
+    # the rewritten memory by its new text first, then what it and the target were found by
+    assert upd.new_record.index_text == "\n".join([upd.new_record.text, other.text, target.text])
     assert delete.old_record == older and delete.caused_by == [target.memory_id]
     # deterministic ids: the same decisions give the same change ids
     again = build_changes(target, cands, decisions, "llm:test", "pv", now + timedelta(hours=1))

@@ -29,7 +29,9 @@ lost**:
   ``source_turn_ids``, ``event_timestamps`` and ``session_ids`` — an ``update`` change of the target with the
   same text and a bumped version, applied BEFORE the delete; the delete change keeps the whole old record;
 - ``update`` of an older memory: the new text is written by the LLM from both memories, so the updated memory
-  also takes the target's sources (union), is re-embedded and gets a bumped version.
+  also takes the target's sources (union), is re-embedded and gets a bumped version;
+- either way the memory that takes over turns is also searched by the words it was credited for: its search
+  index reads its (new) text and what each memory it absorbed was found by (``absorb``).
 
 **Changes are events**: every decision (ignores too — they are the audit trail) is a ``MemoryChange`` whose
 ``change_id`` is a uuid5 of (memory id, its version, action, the memories that caused it), so a resumed run that
@@ -70,7 +72,7 @@ from streams.ltm import MemoryStore
 from streams.settings import Settings, SleepSettings
 from streams.sleep.apply import ApplyReport, Embed, apply_changes
 from streams.sleep.changelog import ChangeLog, Watermarks
-from streams.sleep.decide import Candidate, Decider, Decision
+from streams.sleep.decide import Candidate, Decider, Decision, normalise
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,27 @@ def _unique(items: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _searched_text(record: MemoryRecord) -> str:
+    return record.index_text or record.text
+
+
 def absorb(base: MemoryRecord, others: Sequence[MemoryRecord], text: str, now: datetime) -> MemoryRecord:
-    """``base`` with ``text``, the union of its and ``others``' provenance, version bumped, updated now."""
+    """``base`` with ``text``, the union of its and ``others``' provenance, version bumped, updated now.
+
+    What the search index reads follows the provenance: the new text (when it changed), then what ``base`` and
+    each of ``others`` were found by (their ``index_text`` or text), each normalised text once. A memory credited
+    with a superseded memory's turns stays findable by that memory's words, and an updated memory's index never
+    keeps reading only its old text."""
     turns = _unique([*base.source_turn_ids, *(t for o in others for t in o.source_turn_ids)])
     stamps = sorted(set(base.event_timestamps) | {t for o in others for t in o.event_timestamps})
     sessions = _unique([*base.session_ids, *(s for o in others for s in o.session_ids)])
+    searched: dict[str, str] = {}  # normalised → the first text of that form
+    for t in [*([text] if text != base.text else []), *map(_searched_text, [base, *others])]:
+        searched.setdefault(normalise(t), t)
     return base.model_copy(
         update={
             "text": text,
+            "index_text": "\n".join(searched.values()) if list(searched.values()) != [text] else None,
             "source_turn_ids": turns,
             "event_timestamps": stamps,
             "session_ids": sessions,
@@ -205,7 +220,11 @@ def build_changes(
     absorbing: list[MemoryChange] = []
     if superseded:
         survivor = absorb(target, superseded, target.text, now)
-        if survivor.source_turn_ids != target.source_turn_ids or survivor.event_timestamps != target.event_timestamps:
+        if (survivor.source_turn_ids, survivor.event_timestamps, survivor.index_text) != (
+            target.source_turn_ids,
+            target.event_timestamps,
+            target.index_text,
+        ):
             gone = [s.memory_id for s in superseded]
             absorbing.append(
                 MemoryChange(
