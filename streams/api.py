@@ -28,6 +28,7 @@ import numpy as np
 
 from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, SourceTurn, StageCost
 from streams import ids
+from streams.dates import prefer_window, time_window
 from streams.dlq import DeadLetterLog
 from streams.erase import ErasureReport, erase_user
 from streams.ltm import MissingUserError, ScoredMemory
@@ -220,23 +221,38 @@ class Memory:
         time_to: datetime | None = None,
         mode: SearchMode | None = None,
         query_vector: np.ndarray | None = None,
+        as_of: datetime | None = None,
     ) -> list[ScoredMemory]:
         """The ``limit`` best memories of one user for ``query`` (hybrid, dense or sparse; default from settings),
         optionally only those of events between ``time_from`` and ``time_to`` (aware datetimes).
+
         ``query_vector``: the query's embedding when the caller has it already (e.g. embedded in one pass with
-        other queries); computed here otherwise."""
+        other queries); computed here otherwise.
+
+        ``as_of`` is when the question is asked: a relative date in the query ("two weeks ago", "last Thursday",
+        "in May"; ``streams.dates.time_window``) then ranks memories of events in that span higher (the ranking
+        within the span fused with the plain ranking, reciprocal-rank fusion); no memory is left out for its
+        date, since people often tell of an event some time after it."""
         user_id = _require_user(user_id)
         if mode not in (None, "hybrid", "dense", "sparse"):
             raise ValueError(f"mode must be hybrid, dense or sparse, not {mode!r}")
-        for name, ts in (("time_from", time_from), ("time_to", time_to)):
+        for name, ts in (("time_from", time_from), ("time_to", time_to), ("as_of", as_of)):
             if ts is not None and ts.tzinfo is None:
                 raise ValueError(f"{name} must be timezone-aware")
         vector = query_vector
         if vector is None and mode != "sparse":
             vector = self.pipeline.stages.encoder.embed_one(query)
-        return self.pipeline.store.search(
-            user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to
-        )
+        store = self.pipeline.store
+        hits = store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
+        window = time_window(query, as_of) if as_of is not None else None
+        if window is None:
+            return hits
+        start = max(window.start, time_from) if time_from is not None else window.start
+        end = min(window.end, time_to) if time_to is not None else window.end
+        if end < start:
+            return hits
+        near = store.search(user_id, query, vector, limit, mode=mode, time_from=start, time_to=end)
+        return prefer_window(hits, near, limit)
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         return self.pipeline.store.get_all(_require_user(user_id), limit)

@@ -232,9 +232,15 @@ class _Calls:
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         mode: str | None = None,
+        as_of: datetime | None = None,
     ) -> _Call[list[ScoredMemory]]:
         params = {"q": query, "user_id": _require_user(user_id), "limit": limit}
-        for k, v in (("since", _iso(time_from, "time_from")), ("until", _iso(time_to, "time_to")), ("mode", mode)):
+        for k, v in (
+            ("since", _iso(time_from, "time_from")),
+            ("until", _iso(time_to, "time_to")),
+            ("mode", mode),
+            ("as_of", _iso(as_of, "as_of")),
+        ):
             if v is not None:
                 params[k] = v
 
@@ -379,8 +385,9 @@ class MemoryClient:
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         mode: str | None = None,
+        as_of: datetime | None = None,
     ) -> list[ScoredMemory]:
-        return self._send(_Calls.search(query, user_id, limit, time_from, time_to, mode))
+        return self._send(_Calls.search(query, user_id, limit, time_from, time_to, mode, as_of))
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         return _take(self._pages(user_id), limit)
@@ -483,8 +490,9 @@ class AsyncMemoryClient:
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         mode: str | None = None,
+        as_of: datetime | None = None,
     ) -> list[ScoredMemory]:
-        return await self._send(_Calls.search(query, user_id, limit, time_from, time_to, mode))
+        return await self._send(_Calls.search(query, user_id, limit, time_from, time_to, mode, as_of))
 
     async def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         out: list[MemoryRecord] = []

@@ -16,7 +16,7 @@ from schemas.records import CompressedTurn, RawTurn
 from streams.settings import CompressionSettings
 from streams.tokens import count_tokens
 
-__all__ = ["Compressor", "compress_turns", "load_compressor", "word_count"]
+__all__ = ["Compressor", "compress_turns", "load_compressor", "turn_rate", "word_count"]
 
 
 @runtime_checkable
@@ -49,6 +49,14 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def turn_rate(settings: CompressionSettings, raw_tokens: int) -> float:
+    """The keep rate of one turn: ``settings.rate``, lowered for a long turn so that about
+    ``settings.max_tokens`` tokens remain."""
+    if settings.max_tokens is None or raw_tokens <= 0:
+        return settings.rate
+    return min(settings.rate, settings.max_tokens / raw_tokens)
+
+
 def compress_turns(
     turns: Sequence[RawTurn],
     compressor: Compressor,
@@ -57,18 +65,23 @@ def compress_turns(
 ) -> list[CompressedTurn]:
     """One ``CompressedTurn`` per turn, in order.
 
-    Turns of at most ``settings.min_words`` words are kept whole; empty content stays empty; a compressor
+    Each turn keeps ``turn_rate`` of its tokens (the rate, or less for a turn longer than ``settings.max_tokens``
+    allows); turns of at most ``settings.min_words`` words are kept whole; empty content stays empty; a compressor
     output that comes back empty for a non-empty turn falls back to the raw text. ``count_encoder_tokens``
     (``Encoder.count_tokens_batch``) is called once for the whole batch.
     """
-    rate = settings.rate
+    raw_tokens = [count_tokens(t.content) for t in turns]
+    rates = [turn_rate(settings, n) for n in raw_tokens]
     compressed = [t.content for t in turns]
-    todo = [i for i, t in enumerate(turns) if rate < 1 and word_count(t.content) > settings.min_words]
-    if todo:
-        results = compressor.compress_texts([turns[i].content for i in todo], rate)
-        if len(results) != len(todo):
-            raise RuntimeError(f"compressor {compressor.name!r} returned {len(results)} texts for {len(todo)}")
-        for i, text in zip(todo, results, strict=True):
+    todo: dict[float, list[int]] = {}  # one compressor call per distinct rate
+    for i, t in enumerate(turns):
+        if rates[i] < 1 and word_count(t.content) > settings.min_words:
+            todo.setdefault(rates[i], []).append(i)
+    for rate, rows in todo.items():
+        results = compressor.compress_texts([turns[i].content for i in rows], rate)
+        if len(results) != len(rows):
+            raise RuntimeError(f"compressor {compressor.name!r} returned {len(results)} texts for {len(rows)}")
+        for i, text in zip(rows, results, strict=True):
             if text.strip():
                 compressed[i] = text
     encoder_tokens = count_encoder_tokens(compressed) if compressed else []
@@ -88,9 +101,9 @@ def compress_turns(
             compressed_text=c,
             compressor=compressor.name,
             rate=rate,
-            raw_tokens=count_tokens(t.content),
+            raw_tokens=n_raw,
             compressed_tokens=count_tokens(c),
             encoder_tokens=n,
         )
-        for t, c, n in zip(turns, compressed, encoder_tokens, strict=True)
+        for t, c, n, rate, n_raw in zip(turns, compressed, encoder_tokens, rates, raw_tokens, strict=True)
     ]

@@ -26,6 +26,12 @@ class CompressionSettings(BaseModel):
     )
     device: str = Field(default="cpu", description="device_map for the LLMLingua-2 model")
     min_words: int = Field(default=4, ge=0, description="turns with at most this many words are kept whole")
+    max_tokens: int | None = Field(
+        default=160,
+        ge=8,
+        description="a compressed turn keeps at most about this many tokens (a long turn is compressed harder "
+        "than the rate: what a reader is handed stays short); unset = the rate alone",
+    )
 
 
 class SegmentationSettings(BaseModel):

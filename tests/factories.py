@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from schemas import CompressedTurn, RawTurn
+from schemas import CompressedTurn, MemoryRecord, RawTurn
 from streams import ids
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
@@ -52,4 +52,24 @@ def compressed_turn(
         raw_tokens=words,
         compressed_tokens=words,
         encoder_tokens=words if encoder_tokens is None else encoder_tokens,
+    )
+
+
+def memory_record(
+    *, memory_id: str = "m1", user_id: str = "u1", text: str = "a fact", when: datetime = T0, turn: str = "t1"
+) -> MemoryRecord:
+    """A fact memory of one turn at ``when``."""
+    return MemoryRecord(
+        memory_id=memory_id,
+        user_id=user_id,
+        session_ids=["s1"],
+        text=text,
+        kind="fact",
+        source_turn_ids=[turn],
+        event_timestamps=[when],
+        topic_id="topic-1",
+        summary_id="summary-1",
+        pipeline_version="test",
+        created_at=when,
+        updated_at=when,
     )

@@ -315,3 +315,16 @@ def test_llmlingua2_missing_model_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ModelNotFoundError, match="LLMLINGUA2_MODEL_PATH"):
         LLMLingua2Compressor(tmp_path / "nope")
+
+
+def test_compress_turns_caps_long_turns_at_max_tokens() -> None:
+    long_text = " ".join([PARAGRAPH] * 4)
+    turns = [raw_turn(0, long_text), raw_turn(1, SENTENCES[0])]
+    offline = OfflineSelfInfoCompressor()
+    capped = compress_turns(turns, offline, CompressionSettings(rate=0.6, max_tokens=60), CountingEncoder())
+    rated = compress_turns(turns, offline, CompressionSettings(rate=0.6, max_tokens=None), CountingEncoder())
+    assert rated[0].rate == 0.6 and rated[0].compressed_tokens > 100
+    assert capped[0].rate == pytest.approx(60 / count_tokens(long_text))
+    assert 40 <= capped[0].compressed_tokens <= 80 < rated[0].compressed_tokens  # about the cap, not the rate
+    assert capped[0].compressed_text == compress_text(long_text, capped[0].rate)
+    assert capped[1] == rated[1] and capped[1].rate == 0.6  # a short turn keeps the rate

@@ -317,3 +317,30 @@ def test_as_retrieved_adapts_pipeline_hits():
 
     item = as_retrieved(Hit())
     assert item == RetrievedItem("Alice adopted a cat", ["t1", "t2"], 0.7)
+
+
+def test_ask_hands_the_question_date_to_dated_retrievers_only():
+    turns = _turns("u", DOCS)
+    asked = datetime(2023, 5, 30, 21, 0, tzinfo=UTC)
+    qas = [
+        QAItem("u:q0", "cat two weeks ago?", None, "1", [turns[0].turn_id], ["s1"], asked, False, False, []),
+        QAItem("u:q1", "cat?", None, "1", [turns[0].turn_id], ["s1"], None, False, False, []),
+    ]
+    conv = Conversation("u", turns, qas, "test")
+
+    class Dated:
+        dated = True
+
+        def __init__(self) -> None:
+            self.seen: list[datetime | None] = []
+
+        def retrieve(self, user_id: str, query: str, k: int, as_of: datetime | None = None) -> list[RetrievedItem]:
+            self.seen.append(as_of)
+            return [RetrievedItem("t", [turns[0].turn_id], 1.0)]
+
+    dated = Dated()
+    assert [score_question(q, [1])["evidence_recall@1"] for q in evaluate_retriever([conv], dated, 1)] == [1.0, 1.0]
+    assert dated.seen == [asked, None]
+    bm25 = BM25Retriever()  # no ``as_of`` parameter: it must not be handed one
+    bm25.fit(turns)
+    assert len(evaluate_retriever([conv], bm25, 1)) == 2

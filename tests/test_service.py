@@ -243,10 +243,16 @@ def test_pages_walk_all_memories(server):
 
 def test_client_equals_memory_on_the_same_store(server):
     with MemoryClient(server.url, server.keys["a"]) as client:
-        for q in ("cat from the shelter", "keyboard", "what does alex like?"):
+        asked = T0 + timedelta(days=14)  # a relative date in the query counts from when it is asked
+        for q, as_of in (
+            ("cat from the shelter", None),
+            ("keyboard", None),
+            ("what does alex like?", None),
+            ("what did alex adopt two weeks ago?", asked),
+        ):
             for mode in (None, "dense", "sparse"):
-                over_http = client.search(q, "alex", 5, mode=mode)
-                local = server.memory.search(q, "acme:alex", 5, mode=mode)
+                over_http = client.search(q, "alex", 5, mode=mode, as_of=as_of)
+                local = server.memory.search(q, "acme:alex", 5, mode=mode, as_of=as_of)
                 assert [(h.record.memory_id, h.record.text) for h in over_http] == [
                     (h.record.memory_id, h.record.text) for h in local
                 ]

@@ -233,9 +233,11 @@ class Answer:
 def ask(conv: Any, retriever: Retriever, k: int, count: Callable[[str], int] | None = None) -> Iterator[Answer]:
     """Ask every question of one conversation at depth ``k``. An ``unbounded`` retriever (the whole history,
     whatever the query) is asked once; a retriever with ``prefetch_queries`` gets the questions first (batch query
-    embedding, its time counted in the first answer). Items that carry ``kind`` / ``batch_turn_ids`` (memories)
+    embedding, its time counted in the first answer); a ``dated`` retriever also gets each question's date as
+    ``as_of``. Items that carry ``kind`` / ``batch_turn_ids`` (memories)
     put them in the evaluation's ``extra``."""
     unbounded = bool(getattr(retriever, "unbounded", False))
+    dated = bool(getattr(retriever, "dated", False))  # takes the question's date (``as_of``)
     tokens = count or lru_cache(maxsize=1 << 16)(count_tokens)  # the same texts come back question after question
     t2s = {t.turn_id: t.session_id for t in conv.turns}
     prefetch = getattr(retriever, "prefetch_queries", None)
@@ -247,7 +249,12 @@ def ask(conv: Any, retriever: Retriever, k: int, count: Callable[[str], int] | N
     for qa in conv.qa:
         t1 = time.perf_counter()
         if history is None or not unbounded:
-            history = [as_retrieved(h) for h in retriever.retrieve(conv.user_id, qa.question, k)]
+            hits = (
+                retriever.retrieve(conv.user_id, qa.question, k, as_of=qa.question_date)  # type: ignore[call-arg]
+                if dated
+                else retriever.retrieve(conv.user_id, qa.question, k)
+            )
+            history = [as_retrieved(h) for h in hits]
         items = history
         seconds = time.perf_counter() - t1 + pending
         pending = 0.0

@@ -124,6 +124,7 @@ def fingerprint(settings: Settings, opts: EvalOptions) -> dict[str, Any]:
         if settings.compression.llmlingua2_model_path
         else "offline-selfinfo",
         "compression_min_words": settings.compression.min_words,
+        "compression_max_tokens": settings.compression.max_tokens,
         "extractor": f"llm:{llm.model}@{llm.base_url}" if llm.base_url else "extractive",
         "segmentation": settings.segmentation.model_dump(mode="json"),
         "search_mode": settings.store.search_mode,

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from schemas.records import StageCost
@@ -119,6 +120,7 @@ class LightMemSystem:
     """The embedded pipeline on one cell's settings; the Memory opens on first use (a resumed run opens none)."""
 
     unbounded = False
+    dated = True
 
     def __init__(self, settings: Settings, stages: Callable[[], CountingStages], chunk_turns: int) -> None:
         self.settings = settings
@@ -189,7 +191,8 @@ class LightMemSystem:
             for s, ts in (ingest.get("batches") or {}).items()
         }
 
-    def retrieve(self, user_id: str, query: str, k: int) -> list[RetrievedItem]:
+    def retrieve(self, user_id: str, query: str, k: int, as_of: datetime | None = None) -> list[RetrievedItem]:
+        """``Memory.search``; ``as_of`` (the question's date) lets relative dates in the question count."""
         batches = self._batches.get(user_id, {})
         return [
             MemoryItem(
@@ -199,7 +202,7 @@ class LightMemSystem:
                 kind=h.record.kind,
                 batch_turn_ids=batches.get(h.record.summary_id, tuple(h.record.source_turn_ids)),
             )
-            for h in self.memory.search(query, user_id=user_id, limit=k)
+            for h in self.memory.search(query, user_id=user_id, limit=k, as_of=as_of)
         ]
 
     def compact(self, user_id: str) -> dict[str, Any]:

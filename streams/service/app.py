@@ -177,9 +177,16 @@ def create_app(service: Service) -> FastAPI:
         since: Annotated[datetime | None, Query(description="ISO 8601 with offset")] = None,
         until: Annotated[datetime | None, Query(description="ISO 8601 with offset")] = None,
         mode: Literal["hybrid", "dense", "sparse"] | None = None,
+        as_of: Annotated[
+            datetime | None,
+            Query(
+                description="when the question is asked (ISO 8601 with offset): relative dates in q are read from it"
+            ),
+        ] = None,
     ) -> SearchOut:
-        """The user's ``limit`` best memories for ``q``, optionally only of events between ``since`` and ``until``."""
-        for name, ts in (("since", since), ("until", until)):
+        """The user's ``limit`` best memories for ``q``, optionally only of events between ``since`` and ``until``;
+        with ``as_of``, memories of the span a relative date in ``q`` names ("two weeks ago", "in May") rank higher."""
+        for name, ts in (("since", since), ("until", until), ("as_of", as_of)):
             if ts is not None and ts.tzinfo is None:
                 raise _invalid(["query", name], "needs a UTC offset (e.g. 2024-05-01T10:00:00+00:00)")
         if since is not None and until is not None and since > until:
@@ -188,7 +195,7 @@ def create_app(service: Service) -> FastAPI:
         if not service.users.known(internal):  # not seen yet: may re-read the store's users (not on the loop)
             internal = await asyncio.to_thread(known, who, user_id)
         # on the event loop, no worker thread: concurrent searches share one encoder pass (streams.service.search)
-        hits = await service.searches.search(q, internal, limit, time_from=since, time_to=until, mode=mode)
+        hits = await service.searches.search(q, internal, limit, time_from=since, time_to=until, mode=mode, as_of=as_of)
         return SearchOut(results=[SearchHit(record=convert.record(who, h.record), score=h.score) for h in hits])
 
     @app.get("/v1/memories", response_model=MemoriesPage, responses=ERRORS, tags=["read"])

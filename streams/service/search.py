@@ -35,6 +35,7 @@ class SearchRequest:
     time_from: datetime | None = None
     time_to: datetime | None = None
     mode: SearchMode | None = None
+    as_of: datetime | None = None
     done: Future[list[ScoredMemory]] = field(default_factory=Future, compare=False)
 
 
@@ -68,9 +69,10 @@ class SearchBatcher:
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         mode: SearchMode | None = None,
+        as_of: datetime | None = None,
     ) -> list[ScoredMemory]:
         """``Memory.search`` with the same arguments, batched with the searches running meanwhile."""
-        request = SearchRequest(query, user_id, limit, time_from, time_to, mode)
+        request = SearchRequest(query, user_id, limit, time_from, time_to, mode, as_of)
         return await asyncio.wrap_future(self.submit(request))
 
     def close(self) -> None:
@@ -123,6 +125,7 @@ class SearchBatcher:
                         time_to=r.time_to,
                         mode=r.mode,
                         query_vector=vec,
+                        as_of=r.as_of,
                     )
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     r.done.set_exception(exc)
