@@ -214,6 +214,8 @@ class KafkaEnv:
         # the subprocesses see exactly these settings (and no other LIGHTMEM_* variable of this process)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTMEM_")}
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **to_env(settings)})
+        # the processes run the tree under test, wherever the editable install of the package points
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         return cls(name=name, settings=settings, env=env, data_dir=data_dir)
 
     # -- processes ---------------------------------------------------------------------------------
