@@ -14,8 +14,6 @@ the query's vector from the batched pass (padding in a batch moves only the last
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +23,7 @@ import numpy as np
 from streams import metrics
 from streams.api import Memory, SearchMode
 from streams.ltm import ScoredMemory
+from streams.service.batcher import MicroBatcher
 
 
 @dataclass(frozen=True)
@@ -39,25 +38,15 @@ class SearchRequest:
     done: Future[list[ScoredMemory]] = field(default_factory=Future, compare=False)
 
 
-class SearchBatcher:
+class SearchBatcher(MicroBatcher[SearchRequest]):
     """``await search(...)`` from the event loop (or ``submit`` from any thread); one thread serves them all."""
 
     def __init__(self, memory: Memory, window_s: float = 0.002, max_batch: int = 64) -> None:
         self.memory = memory
-        self.window_s = window_s
-        self.max_batch = max_batch
-        self._pending: list[SearchRequest] = []
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="search-batcher", daemon=True)
-        self._thread.start()
+        super().__init__("search batcher", "search-batcher", window_s, max_batch)
 
     def submit(self, request: SearchRequest) -> Future[list[ScoredMemory]]:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the search batcher is closed")
-            self._pending.append(request)
-            self._cv.notify()
+        self.put(request)
         return request.done
 
     async def search(
@@ -75,26 +64,7 @@ class SearchBatcher:
         request = SearchRequest(query, user_id, limit, time_from, time_to, mode, as_of)
         return await asyncio.wrap_future(self.submit(request))
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=5)
-
     # -- the batcher thread --------------------------------------------------------------------
-    def _take(self) -> list[SearchRequest] | None:
-        with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if not self._pending:
-                return None
-        if self.window_s > 0:
-            time.sleep(self.window_s)  # let searches arriving together share the pass
-        with self._cv:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-        return batch
-
     def _vectors(self, batch: list[SearchRequest]) -> list[np.ndarray | None]:
         """The query vectors of the batch's dense and hybrid searches, from one encoder pass (None: sparse)."""
         dense = [i for i, r in enumerate(batch) if r.mode != "sparse"]
@@ -106,28 +76,27 @@ class SearchBatcher:
                 out[i] = np.asarray(v, dtype=np.float32)
         return out
 
-    def _run(self) -> None:
-        while (taken := self._take()) is not None:
-            batch = [r for r in taken if r.done.set_running_or_notify_cancel()]  # cancelled ones are dropped
+    def _serve(self, taken: list[SearchRequest]) -> None:
+        batch = [r for r in taken if r.done.set_running_or_notify_cancel()]  # cancelled ones are dropped
+        try:
+            vectors = self._vectors(batch)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            for r in batch:
+                r.done.set_exception(exc)
+            return
+        for r, vec in zip(batch, vectors, strict=True):
             try:
-                vectors = self._vectors(batch)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                for r in batch:
-                    r.done.set_exception(exc)
-                continue
-            for r, vec in zip(batch, vectors, strict=True):
-                try:
-                    hits = self.memory.search(
-                        r.query,
-                        r.user_id,
-                        r.limit,
-                        time_from=r.time_from,
-                        time_to=r.time_to,
-                        mode=r.mode,
-                        query_vector=vec,
-                        as_of=r.as_of,
-                    )
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    r.done.set_exception(exc)
-                else:
-                    r.done.set_result(hits)
+                hits = self.memory.search(
+                    r.query,
+                    r.user_id,
+                    r.limit,
+                    time_from=r.time_from,
+                    time_to=r.time_to,
+                    mode=r.mode,
+                    query_vector=vec,
+                    as_of=r.as_of,
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                r.done.set_exception(exc)
+            else:
+                r.done.set_result(hits)
