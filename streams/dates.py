@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from streams.ltm import ScoredMemory
+from streams.text import MONTHS
 
 __all__ = ["TimeWindow", "prefer_window", "time_window"]
 
@@ -36,20 +37,6 @@ _NUMBERS = {
     "a few": 3,
     "several": 3,
 }
-_MONTHS = [
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-]
 _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _UNIT_DAYS = {"day": 1, "week": 7, "month": 30, "year": 365}
 _COUNT = r"(\d{1,3}|a couple of|a few|several|an?|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)"
@@ -63,7 +50,7 @@ _THIS_UNIT = re.compile(r"\bthis\s+(week|month|year)\b")
 _DAY_WORD = re.compile(r"\b(yesterday|today)\b")
 # "in May", "during December 2023", "of January"; "may" alone is a verb far more often than a month
 _IN_MONTH = re.compile(
-    rf"\b(?:in|during|of|since)\s+(?:early\s+|late\s+|mid-?\s*)?({'|'.join(_MONTHS)})(?:\s+(\d{{4}}))?\b"
+    rf"\b(?:in|during|of|since)\s+(?:early\s+|late\s+|mid-?\s*)?({'|'.join(MONTHS)})(?:\s+(\d{{4}}))?\b"
 )
 
 
@@ -157,7 +144,7 @@ def time_window(query: str, now: datetime) -> TimeWindow | None:
         day = _day_start(now) - timedelta(days=1 if m.group(1) == "yesterday" else 0)
         candidates.append((m.start(), _window(day - timedelta(days=1), day + timedelta(days=2), m.group(0), now)))
     if m := _IN_MONTH.search(text):
-        month = _MONTHS.index(m.group(1)) + 1
+        month = MONTHS.index(m.group(1)) + 1
         year = int(m.group(2)) if m.group(2) else (now.year if month <= now.month else now.year - 1)
         start = _month_start(year, month, now)
         if start <= now:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from schemas.records import RawTurn
 from streams.ids import turn_id
+from streams.text import MONTHS
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +84,7 @@ def _read_json(path: str | Path) -> Any:
 # LoCoMo
 # ---------------------------------------------------------------------------------------------------------------
 
-_MONTHS = {
-    m: i + 1
-    for i, m in enumerate(
-        [
-            "january",
-            "february",
-            "march",
-            "april",
-            "may",
-            "june",
-            "july",
-            "august",
-            "september",
-            "october",
-            "november",
-            "december",
-        ]
-    )
-}
+_MONTHS = {m: i + 1 for i, m in enumerate(MONTHS)}
 _LOCOMO_DT = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*([ap])\.?m\.?\s+on\s+(\d{1,2})\s+([A-Za-z]+),?\s+(\d{4})\s*$", re.I)
 _SESSION_KEY = re.compile(r"^session_(\d+)$")
 _DIA_ID = re.compile(r"^D\s*:?\s*(\d+)\s*:\s*(\d+)$")

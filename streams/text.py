@@ -16,6 +16,21 @@ from functools import lru_cache
 
 import py_rust_stemmers
 
+MONTHS = (
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+)  # English month names, lower case, in calendar order (dates in questions and in benchmark session stamps)
+
 STOP_WORDS = frozenset(
     """a an and are as at be been but by did do does for from had has have he her hers him his how i if in into is
     it its me my of on or our she so than that the their them then there these they this to was we were what when
