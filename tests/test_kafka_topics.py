@@ -3,11 +3,13 @@ the producer keys by user id onto the partition the worker's tables use; the sin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 import tests.conftest as _root
 from streams.kafka.produce import produce_raw
@@ -19,6 +21,7 @@ from streams.kafka.topics import (
     latest_per_key,
     partition_for,
     read_to_end,
+    stop_consumer,
     topic_specs,
 )
 from tests.conftest_kafka import KafkaEnv, run_async
@@ -141,3 +144,24 @@ def test_topic_reader_reads_to_the_end_then_follows(kafka_env: KafkaEnv) -> None
     assert nothing == []
     assert b"user-0" not in table and table[b"user-1"].value == b"v1-again" and table[b"user-99"].value == b"new"
     assert len(table) == 12
+
+
+def test_a_reader_stopped_right_after_it_started_stops_cleanly(kafka_env: KafkaEnv) -> None:
+    """aiokafka re-raises the cancellation of a group-less consumer's background task when it is stopped before
+    that task first ran; ``stop_consumer`` finishes the stop and leaves the caller's task uncancelled."""
+
+    async def start_stop() -> tuple[int, bool]:
+        raised = 0
+        closed = True
+        for _ in range(5):
+            consumer = AIOKafkaConsumer(bootstrap_servers=kafka_env.settings.kafka.bootstrap_servers)
+            await consumer.start()
+            await stop_consumer(consumer)
+            closed = closed and consumer._closed and not consumer._client._conns
+            try:
+                await asyncio.sleep(0)  # a task left cancelled would raise here
+            except asyncio.CancelledError:
+                raised += 1
+        return raised, closed
+
+    assert run_async(start_stop()) == (0, True)
