@@ -28,11 +28,13 @@ import numpy as np
 
 from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, SourceTurn, StageCost
 from streams import ids
-from streams.dates import prefer_window, time_window
+from streams.asker import asker_roles
+from streams.dates import TimeWindow, time_window
 from streams.dlq import DeadLetterLog
 from streams.erase import ErasureReport, erase_user
 from streams.ltm import MissingUserError, ScoredMemory
 from streams.pipeline import EmbeddedPipeline, IngestReport
+from streams.ranking import prefer
 from streams.redrive import RedriveReport, redrive_embedded
 from streams.settings import Settings
 from streams.sleep.apply import RevertError, apply_changes, build_revert
@@ -232,7 +234,8 @@ class Memory:
         ``as_of`` is when the question is asked: a relative date in the query ("two weeks ago", "last Thursday",
         "in May"; ``streams.dates.time_window``) then ranks memories of events in that span higher (the ranking
         within the span fused with the plain ranking, reciprocal-rank fusion); no memory is left out for its
-        date, since people often tell of an event some time after it."""
+        date, since people often tell of an event some time after it. A first-person query ("when did I ...") likewise
+        ranks the memories of the user's own turns higher (``streams.asker``; ``store.prefer_asker``)."""
         user_id = _require_user(user_id)
         if mode not in (None, "hybrid", "dense", "sparse"):
             raise ValueError(f"mode must be hybrid, dense or sparse, not {mode!r}")
@@ -243,16 +246,27 @@ class Memory:
         if vector is None and mode != "sparse":
             vector = self.pipeline.stages.encoder.embed_one(query)
         store = self.pipeline.store
-        hits = store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
         window = time_window(query, as_of) if as_of is not None else None
-        if window is None:
-            return hits
-        start = max(window.start, time_from) if time_from is not None else window.start
-        end = min(window.end, time_to) if time_to is not None else window.end
-        if end < start:
-            return hits
-        near = store.search(user_id, query, vector, limit, mode=mode, time_from=start, time_to=end)
-        return prefer_window(hits, near, limit)
+        if window is not None:
+            start = max(window.start, time_from) if time_from is not None else window.start
+            end = min(window.end, time_to) if time_to is not None else window.end
+            window = TimeWindow(start, end, window.phrase) if start <= end else None
+        roles = asker_roles(query) if self.settings.store.prefer_asker else None
+        if window is None and roles is None:
+            return store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
+        depth = max(limit, self.settings.store.prefetch)  # fused as deep as the engine fuses its branches
+        hits = store.search(user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to)
+        preferred: list[list[ScoredMemory]] = []
+        if window is not None:
+            preferred.append(
+                store.search(user_id, query, vector, depth, mode=mode, time_from=window.start, time_to=window.end)
+            )
+        if roles is not None:
+            own = store.search(
+                user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to, roles=roles
+            )
+            preferred.append(own)
+        return prefer(hits, preferred, limit)
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         return self.pipeline.store.get_all(_require_user(user_id), limit)

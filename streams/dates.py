@@ -3,20 +3,19 @@
 ``time_window(query, now)`` reads the first English time expression of a query against the moment it is asked
 and returns the span of event times it points at, widened by a tolerance (a person who says "two months ago"
 means roughly that), or None when the query names no time. Search uses it to prefer memories of events in that
-span (``streams.api.Memory.search(..., as_of=...)``); it never drops the others.
+span (``streams.api.Memory.search(..., as_of=...)``); it never drops the others
+(``streams.ranking.prefer``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from streams.ltm import ScoredMemory
 from streams.text import MONTHS
 
-__all__ = ["TimeWindow", "prefer_window", "time_window"]
+__all__ = ["TimeWindow", "time_window"]
 
 _NUMBERS = {
     "a": 1,
@@ -152,21 +151,3 @@ def time_window(query: str, now: datetime) -> TimeWindow | None:
     if not candidates:
         return None
     return min(candidates, key=lambda c: c[0])[1]
-
-
-WINDOW_RRF_K = 10  # reciprocal-rank constant of prefer_window (small: the top of each ranking counts most)
-
-
-def prefer_window(plain: Sequence[ScoredMemory], near: Sequence[ScoredMemory], limit: int) -> list[ScoredMemory]:
-    """The best ``limit`` of two rankings of one query's memories, by reciprocal-rank fusion: ``plain`` over all
-    of them and ``near`` over those of the named time span. A memory in both rises; one in only one keeps its
-    place against the other list's. Scores become the fused scores; equal scores keep ``plain``'s order."""
-    fused: dict[str, float] = {}
-    seen: dict[str, ScoredMemory] = {}
-    for ranking in (plain, near):
-        for rank, hit in enumerate(ranking, start=1):
-            key = hit.record.memory_id
-            fused[key] = fused.get(key, 0.0) + 1.0 / (WINDOW_RRF_K + rank)
-            seen.setdefault(key, hit)
-    order = sorted(fused, key=lambda key: -fused[key])  # stable: plain's order, then near's, on ties
-    return [replace(seen[key], score=fused[key]) for key in order[:limit]]

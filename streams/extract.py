@@ -219,6 +219,7 @@ SUMMARY_SENTENCES = 3  # at most this many sentences (from distinct turns) in an
 SUMMARY_MAX_WORDS = 45  # and at most about this many words
 CONTEXT_BEFORE = 1  # neighbouring turns the search index reads with a fact (see _index_text)
 CONTEXT_AFTER = 0
+CONTEXT_MAX_WORDS = 60  # ... when they are at most this long
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -301,12 +302,20 @@ def _sentence(text: str) -> str:
 
 def _index_text(alias_map: dict[int, CompressedTurn], alias: int) -> str:
     """What the search index reads for a turn's fact: the raw turn, after the raw text of up to
-    ``CONTEXT_BEFORE`` preceding and ``CONTEXT_AFTER`` following turns of the same session in the batch (a short
-    answer is found through the question it answers; the fact itself still states, and is credited with, only
-    its own turn)."""
+    ``CONTEXT_BEFORE`` preceding and ``CONTEXT_AFTER`` following turns of the same session in the batch that are
+    at most ``CONTEXT_MAX_WORDS`` long (a short answer is found through the question it answers; a long turn, such
+    as an assistant's essay before a user's remark, would only bury the fact's own words under its length). The
+    fact itself still states, and is credited with, only its own turn."""
     turn = alias_map[alias]
-    near = [*range(alias - CONTEXT_BEFORE, alias), alias, *range(alias + 1, alias + 1 + CONTEXT_AFTER)]
-    parts = [alias_map[a] for a in near if a in alias_map and alias_map[a].session_id == turn.session_id]
+    before = range(alias - CONTEXT_BEFORE, alias)
+    after = range(alias + 1, alias + 1 + CONTEXT_AFTER)
+    parts = [
+        alias_map[a]
+        for a in (*before, alias, *after)
+        if a in alias_map
+        and alias_map[a].session_id == turn.session_id
+        and (a == alias or len(alias_map[a].raw_text.split()) <= CONTEXT_MAX_WORDS)
+    ]
     return "\n".join(f"{_who(t)}: {t.raw_text}" for t in parts)
 
 

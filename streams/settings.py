@@ -99,6 +99,11 @@ class StoreSettings(BaseModel):
     )
     rrf_k: int = Field(default=60, ge=1, description="reciprocal-rank-fusion constant (fusion 'rrf')")
     prefetch: int = Field(default=50, ge=1, description="candidates per branch before fusion")
+    prefer_asker: bool = Field(
+        default=True,
+        description="a first-person query ('when did I ...') also ranks the memories of the user's own turns and "
+        "fuses that ranking with the plain one (streams.asker); none is dropped",
+    )
 
 
 class SleepSettings(BaseModel):

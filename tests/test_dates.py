@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.dates import TimeWindow, prefer_window, time_window
+from streams.dates import TimeWindow, time_window
 from streams.ltm import ScoredMemory
+from streams.ranking import prefer
 from tests.factories import memory_record
 
 # Wednesday
@@ -91,15 +92,24 @@ def _hits(*names: str) -> list[ScoredMemory]:
     return [ScoredMemory(memory_record(memory_id=n, text=n), 1.0) for n in names]
 
 
-def test_prefer_window_lifts_what_the_span_holds_and_drops_nothing_of_the_top() -> None:
+def test_prefer_lifts_what_the_span_holds_and_drops_nothing_of_the_top() -> None:
     plain = _hits("a", "b", "c", "d", "e")
     near = _hits("d", "x")
-    fused = [h.record.memory_id for h in prefer_window(plain, near, 5)]
+    fused = [h.record.memory_id for h in prefer(plain, [near], 5)]
     assert fused[:2] == ["d", "a"]  # in both lists: first; then plain's first
     assert set(fused) == {"d", "a", "x", "b", "c"}
-    assert [h.record.memory_id for h in prefer_window(plain, [], 5)] == ["a", "b", "c", "d", "e"]
-    scores = [h.score for h in prefer_window(plain, near, 5)]
+    assert [h.record.memory_id for h in prefer(plain, [[]], 5)] == ["a", "b", "c", "d", "e"]
+    assert [h.record.memory_id for h in prefer(plain, [], 5)] == ["a", "b", "c", "d", "e"]
+    scores = [h.score for h in prefer(plain, [near], 5)]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_prefer_adds_up_every_preferred_ranking() -> None:
+    plain = _hits("a", "b", "c", "d")
+    window, own = _hits("c", "d"), _hits("d", "b")
+    fused = [h.record.memory_id for h in prefer(plain, [window, own], 4)]
+    assert fused[0] == "d"  # in all three rankings
+    assert set(fused) == {"a", "b", "c", "d"}
 
 
 @pytest.mark.slow

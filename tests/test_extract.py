@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 from schemas.records import CompressedTurn, TopicSegment
 from streams import ids
 from streams.extract import (
+    CONTEXT_MAX_WORDS,
     ExtractionFailed,
     Extractor,
     InvalidExtraction,
@@ -209,6 +210,23 @@ def test_parse_extraction_strips_fences() -> None:
 
 
 # -- offline extractive mode ---------------------------------------------------------------------
+
+
+def test_extractive_index_reads_a_short_turn_before_a_fact_but_not_a_long_one() -> None:
+    """A short answer is found through the question before it; a user's remark after an assistant's essay is
+    indexed on its own words (the essay would bury them under its length)."""
+    essay = " ".join(["Here are some smoking tips for brisket, ribs and pork shoulder on any grill."] * 6)
+    turns = [
+        turn(0, "Which city did you move to last spring?", speaker="Melanie"),
+        turn(1, "Rotterdam, near the harbour.", speaker="Caroline"),
+        turn(2, essay, role="assistant"),
+        turn(3, "Thanks! I just got a smoker today, by the way.", role="user"),
+    ]
+    assert len(turns[0].raw_text.split()) <= CONTEXT_MAX_WORDS < len(turns[2].raw_text.split())
+    summary = extractive_summary(USER, [segment(*turns)], NOW)
+    index = {f.source_turn_ids[0]: f.index_text for f in summary.facts}
+    assert index[turns[1].turn_id] == f"Melanie: {turns[0].raw_text}\nCaroline: {turns[1].raw_text}"
+    assert index[turns[3].turn_id] == f"user: {turns[3].raw_text}"
 
 
 async def test_extractive_mode_without_base_url() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from schemas.records import MemoryRecord
+from schemas.records import MemoryRecord, SourceTurn
 from streams.ids import memory_id
 from streams.ltm import MemoryStore, MissingUserError, open_store
 from streams.ltm.sparse import document_vector, query_vector, term_index, tokenize
@@ -372,3 +372,26 @@ def test_real_encoder_hybrid(tmp_path: Path) -> None:
         top = s.search("alice", query, enc.embed_one(query), 3, mode=mode)  # type: ignore[arg-type]
         assert top[0].record.text.startswith("Trip to Reykjavik")
     s.close()
+
+
+def test_search_by_role_of_the_source_turns(store: MemoryStore) -> None:
+    """``roles`` keeps the memories made from a turn of those roles (``source_turns[].role``); a memory of no
+    kept source turns (written before they were kept) matches none."""
+    records, vecs, _ = corpus()
+    roles = ["user", "assistant", None, "user", "assistant", "Caroline"]
+    told = []
+    for r, role in zip(records, roles, strict=False):
+        if role is None:
+            told.append(r)
+            continue
+        source = SourceTurn(turn_id=r.source_turn_ids[0], session_id="s1", seq=0, role=role, timestamp=T0, text=r.text)
+        told.append(r.model_copy(update={"source_turns": [source]}))
+    store.upsert(told, vecs[: len(told)])
+    q = vecs[0]
+    every = store.search("alice", "", q, 10, mode="dense")
+    mine = store.search("alice", "", q, 10, mode="dense", roles=["user"])
+    theirs = store.search("alice", "", q, 10, mode="dense", roles=["assistant", "Caroline"])
+    want_mine = [h.record.memory_id for h in every if h.record.source_turns and h.record.source_turns[0].role == "user"]
+    assert [h.record.memory_id for h in mine] == want_mine and len(want_mine) == 2
+    assert {h.record.source_turns[0].role for h in theirs} == {"assistant", "Caroline"} and len(theirs) == 3
+    assert store.search("alice", "", q, 10, mode="dense", roles=["tool"]) == []

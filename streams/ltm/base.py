@@ -26,6 +26,7 @@ from streams.settings import StoreSettings
 SearchMode = Literal["hybrid", "dense", "sparse"]
 DENSE = "dense"
 SPARSE = "bm25"
+ROLE_KEY = "source_turns[].role"  # payload key of the roles of a memory's source turns (nested array)
 DERIVED_FIELDS = ("event_ts_min", "event_ts_max", "updated_ts")
 UPDATED_TS = "updated_ts"  # epoch seconds of ``updated_at``: the engine-side filter behind ``get_all(updated_after=)``
 TIE_SLACK = 8  # extra candidates fetched so equal-score hits at the cut are chosen by id, not engine order
@@ -56,6 +57,7 @@ class MemoryStore(Protocol):
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         kinds: Sequence[str] | None = None,
+        roles: Sequence[str] | None = None,
     ) -> list[ScoredMemory]: ...
 
     def get(self, user_id: str, memory_ids: Sequence[str]) -> list[MemoryRecord]: ...
@@ -90,6 +92,7 @@ class Scope:
     ts_from: float | None = None
     ts_to: float | None = None
     kinds: tuple[str, ...] | None = None
+    roles: tuple[str, ...] | None = None  # some source turn has one of these roles
     ids: tuple[str, ...] | None = None
     # updated_ts > this, or no updated_ts at all (points written before the field existed): a superset that
     # ``BaseStore.get_all`` narrows exactly in Python
@@ -298,6 +301,7 @@ class BaseStore(ABC):
         time_from: datetime | None = None,
         time_to: datetime | None = None,
         kinds: Sequence[str] | None = None,
+        roles: Sequence[str] | None = None,
     ) -> list[ScoredMemory]:
         """Top ``limit`` memories of one user, best first.
 
@@ -306,7 +310,8 @@ class BaseStore(ABC):
         (``settings.fusion``: DBSF by default, or RRF), and scores are the fused scores. Hybrid without a query
         vector, or with a text of no searchable terms, degrades to the one branch it has. Equal scores are
         ordered by memory id. Time bounds keep memories whose events overlap
-        [time_from, time_to]; ``kinds`` keeps those kinds.
+        [time_from, time_to]; ``kinds`` keeps those kinds; ``roles`` those made from a turn of one of these roles
+        (``source_turns``: memories written before source turns were kept match none).
         """
         user = require_user(user_id, "search")
         mode = mode or self.settings.search_mode
@@ -319,6 +324,7 @@ class BaseStore(ABC):
             ts_from=time_from.timestamp() if time_from is not None else None,
             ts_to=time_to.timestamp() if time_to is not None else None,
             kinds=tuple(kinds) if kinds is not None else None,
+            roles=tuple(roles) if roles is not None else None,
         )
         dense = self._dense_query(query_vector) if mode != "sparse" else None
         if mode == "dense" and dense is None:

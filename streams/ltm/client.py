@@ -10,7 +10,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
+from streams.ltm.base import DENSE, ROLE_KEY, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
 from streams.settings import StoreSettings
 
 BATCH = 256
@@ -28,6 +28,8 @@ def _scope_filter(scope: Scope) -> models.Filter:
         must.append(models.FieldCondition(key="event_ts_min", range=models.Range(lte=scope.ts_to)))
     if scope.kinds is not None:
         must.append(models.FieldCondition(key="kind", match=models.MatchAny(any=list(scope.kinds))))
+    if scope.roles is not None:
+        must.append(models.FieldCondition(key=ROLE_KEY, match=models.MatchAny(any=list(scope.roles))))
     if scope.ids is not None:
         must.append(models.HasIdCondition(has_id=list(scope.ids)))
     if scope.updated_after is not None:  # newer, or written before updated_ts existed (checked in Python)
@@ -78,6 +80,7 @@ class ClientStore(BaseStore):
             indexes: dict[str, Any] = {
                 "user_id": models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True),
                 "kind": models.PayloadSchemaType.KEYWORD,
+                ROLE_KEY: models.PayloadSchemaType.KEYWORD,
                 "event_ts_min": models.PayloadSchemaType.FLOAT,
                 "event_ts_max": models.PayloadSchemaType.FLOAT,
                 UPDATED_TS: models.PayloadSchemaType.FLOAT,

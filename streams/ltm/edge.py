@@ -11,7 +11,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from streams.ltm import sparse
-from streams.ltm.base import DENSE, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
+from streams.ltm.base import DENSE, ROLE_KEY, SPARSE, UPDATED_TS, BaseStore, Hit, Scope, point_row
 from streams.settings import StoreSettings
 
 BATCH = 512
@@ -25,6 +25,8 @@ def _scope_filter(scope: Scope) -> qe.Filter:
         must.append(qe.FieldCondition("event_ts_min", range=qe.RangeFloat(lte=scope.ts_to)))
     if scope.kinds is not None:
         must.append(qe.FieldCondition("kind", match=qe.MatchAny(list(scope.kinds))))
+    if scope.roles is not None:
+        must.append(qe.FieldCondition(ROLE_KEY, match=qe.MatchAny(list(scope.roles))))
     if scope.ids is not None:
         must.append(qe.HasIdCondition(set(scope.ids)))
     if scope.updated_after is not None:  # newer, or written before updated_ts existed (checked in Python)
@@ -67,6 +69,7 @@ class EdgeStore(BaseStore):
         wanted: dict[str, Any] = {
             "user_id": qe.KeywordIndexParams(is_tenant=True),
             "kind": qe.PayloadSchemaType.Keyword,
+            ROLE_KEY: qe.PayloadSchemaType.Keyword,
             "event_ts_min": qe.PayloadSchemaType.Float,
             "event_ts_max": qe.PayloadSchemaType.Float,
             UPDATED_TS: qe.PayloadSchemaType.Float,
