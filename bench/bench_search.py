@@ -3,7 +3,9 @@
 Synthetic data: a few thousand distinct template sentences are embedded once with the real encoder; the
 N memories reuse them round-robin with a small random perturbation of the vector (re-normalised), spread
 over ``--users`` users. Queries are fresh template questions embedded at query time (ONNX Runtime when the
-model qualifies, see ``streams.onnx_encoder``; the JSON line says which).
+model qualifies, see ``streams.onnx_encoder``; the JSON line says which). Half the memories are the user's own
+turns; ``hybrid_asker`` is the search of a first-person question (``streams.ranking.search_preferring``: the plain
+and the user's-own rankings, ``--depth`` deep each, fused), as ``Memory.search`` runs it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_search.py --n 10000,100000 --queries 200
 """
@@ -25,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from schemas.records import MemoryRecord
+from schemas.records import MemoryRecord, SourceTurn
 from streams.encoder import Encoder, load_encoder
 from streams.ids import memory_id
 from streams.ltm import MemoryStore, open_store
+from streams.ranking import search_preferring
 from streams.settings import EmbeddingSettings, StoreSettings
 
 NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Luca"]
@@ -96,6 +99,8 @@ def make_records(n: int, users: int, base_texts: list[str], base_vecs: np.ndarra
         user = f"user-{i % users:04d}"
         ts = T0 + timedelta(hours=int(i // users))
         turn = f"{user}-t{i}"
+        role = "user" if i % 2 == 0 else "assistant"  # half the memories the user's own turns
+        source = SourceTurn(turn_id=turn, session_id="s", seq=0, role=role, timestamp=ts, text=base_texts[idx[i]])
         recs.append(
             MemoryRecord(
                 memory_id=memory_id(user, [turn], 0, "fact"),
@@ -104,6 +109,7 @@ def make_records(n: int, users: int, base_texts: list[str], base_vecs: np.ndarra
                 text=base_texts[idx[i]],
                 kind="summary" if i % 10 == 0 else "fact",
                 source_turn_ids=[turn],
+                source_turns=[source],
                 event_timestamps=[ts],
                 topic_id="t",
                 summary_id="s",
@@ -190,6 +196,12 @@ def run_one(
             return store.search(user, q, vec, 10, mode=mode)  # type: ignore[arg-type]
 
         out[mode] = timed_queries(search, enc.embed_one if mode != "sparse" else None, queries)
+    if "hybrid" in modes:  # a first-person question: the user's own turns preferred, as Memory.search does it
+
+        def asker(user: str, q: str, vec: np.ndarray | None) -> object:
+            return search_preferring(store, user, q, vec, 10, mode="hybrid", roles=("user",), depth=args.depth)
+
+        out["hybrid_asker"] = timed_queries(asker, enc.embed_one, queries)
     out["embed_only"] = timed_queries(lambda u, q, v: None, enc.embed_one, queries)
     if enc.onnx is not None:  # the same queries through PyTorch, for the ratio measured in this run
         onnx, enc.onnx = enc.onnx, None
@@ -208,6 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="10000,100000", help="comma-separated corpus sizes (edge backend)")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--depth", type=int, default=50, help="ranking depth of a preferred search (store.prefetch)")
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--distinct", type=int, default=2000, help="distinct sentences embedded for the corpus")
     ap.add_argument("--batch", type=int, default=1000, help="records per upsert call")
@@ -239,7 +252,7 @@ def main() -> None:
     if args.local_n:
         results.append(run_one("local", args.local_n, args, enc, data, ["hybrid"]))
 
-    cols = ["hybrid", "dense", "sparse"]
+    cols = ["hybrid", "hybrid_asker", "dense", "sparse"]
     head = " ".join(f"{c + ' p50/p95 (store)':>28}" for c in cols)
     print(
         f"\n{'backend':7} {'n':>7} {head} {'embed p50/p95':>14} {'ingest/s':>9} {'RSS MB/10k':>10} {'disk MB/10k':>11}"

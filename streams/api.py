@@ -29,12 +29,12 @@ import numpy as np
 from schemas import DeadLetter, MemoryChange, MemoryRecord, RawTurn, SourceTurn, StageCost
 from streams import ids
 from streams.asker import asker_roles
-from streams.dates import TimeWindow, time_window
+from streams.dates import time_window
 from streams.dlq import DeadLetterLog
 from streams.erase import ErasureReport, erase_user
 from streams.ltm import MissingUserError, ScoredMemory
 from streams.pipeline import EmbeddedPipeline, IngestReport
-from streams.ranking import prefer
+from streams.ranking import search_preferring
 from streams.redrive import RedriveReport, redrive_embedded
 from streams.settings import Settings
 from streams.sleep.apply import RevertError, apply_changes, build_revert
@@ -245,28 +245,25 @@ class Memory:
         vector = query_vector
         if vector is None and mode != "sparse":
             vector = self.pipeline.stages.encoder.embed_one(query)
-        store = self.pipeline.store
         window = time_window(query, as_of) if as_of is not None else None
+        span = None
         if window is not None:
             start = max(window.start, time_from) if time_from is not None else window.start
             end = min(window.end, time_to) if time_to is not None else window.end
-            window = TimeWindow(start, end, window.phrase) if start <= end else None
-        roles = asker_roles(query) if self.settings.store.prefer_asker else None
-        if window is None and roles is None:
-            return store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
-        depth = max(limit, self.settings.store.prefetch)  # fused as deep as the engine fuses its branches
-        hits = store.search(user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to)
-        preferred: list[list[ScoredMemory]] = []
-        if window is not None:
-            preferred.append(
-                store.search(user_id, query, vector, depth, mode=mode, time_from=window.start, time_to=window.end)
-            )
-        if roles is not None:
-            own = store.search(
-                user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to, roles=roles
-            )
-            preferred.append(own)
-        return prefer(hits, preferred, limit)
+            span = (start, end) if start <= end else None
+        return search_preferring(
+            self.pipeline.store,
+            user_id,
+            query,
+            vector,
+            limit,
+            mode=mode,
+            time_from=time_from,
+            time_to=time_to,
+            span=span,
+            roles=asker_roles(query) if self.settings.store.prefer_asker else None,
+            depth=self.settings.store.prefetch,  # fused as deep as the engine fuses its branches
+        )
 
     def get_all(self, user_id: str, limit: int | None = None) -> list[MemoryRecord]:
         return self.pipeline.store.get_all(_require_user(user_id), limit)

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime
 
-from streams.ltm import ScoredMemory
+import numpy as np
 
-__all__ = ["RRF_K", "prefer"]
+from streams.ltm import MemoryStore, ScoredMemory
+from streams.ltm.base import SearchMode
+
+__all__ = ["RRF_K", "prefer", "search_preferring"]
 
 RRF_K = 60  # reciprocal-rank constant: the customary 60 (5 to 60 measured on the dev split, see README)
 
@@ -29,3 +33,33 @@ def prefer(
             seen.setdefault(key, hit)
     order = sorted(fused, key=lambda key: -fused[key])  # stable on ties
     return [replace(seen[key], score=fused[key]) for key in order[:limit]]
+
+
+def search_preferring(
+    store: MemoryStore,
+    user_id: str,
+    query: str,
+    vector: np.ndarray | None,
+    limit: int,
+    *,
+    mode: SearchMode | None = None,
+    time_from: datetime | None = None,
+    time_to: datetime | None = None,
+    span: tuple[datetime, datetime] | None = None,
+    roles: Sequence[str] | None = None,
+    depth: int = 50,
+) -> list[ScoredMemory]:
+    """``store.search`` of the best ``limit``, preferring the memories of events in ``span`` and those made from
+    turns of ``roles`` (each a ranking of its own, ``depth`` deep, fused by ``prefer``); a plain search when
+    neither is given."""
+    if span is None and roles is None:
+        return store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
+    depth = max(limit, depth)
+    hits = store.search(user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to)
+    preferred: list[list[ScoredMemory]] = []
+    if span is not None:
+        preferred.append(store.search(user_id, query, vector, depth, mode=mode, time_from=span[0], time_to=span[1]))
+    if roles is not None:
+        own = store.search(user_id, query, vector, depth, mode=mode, time_from=time_from, time_to=time_to, roles=roles)
+        preferred.append(own)
+    return prefer(hits, preferred, limit)
