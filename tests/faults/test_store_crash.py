@@ -64,8 +64,19 @@ def ingest_cmd(data_dir: Path, path: Path) -> tuple[list[str], dict[str, str]]:
     return [str(LIGHTMEM), "ingest", str(path)], env
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+def _wal_bytes(store: Path) -> int:
+    """Bytes allocated to the write-ahead logs under ``store`` (the engine preallocates its WAL files sparsely:
+    their blocks, not their sizes, grow with each write), tolerating files replaced while counted."""
+    total = 0
+    for root, _, files in os.walk(store):
+        if Path(root).name != "wal":
+            continue
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def memories(data_dir: Path, users: list[str]) -> dict[str, str]:
@@ -74,15 +85,26 @@ def memories(data_dir: Path, users: list[str]) -> dict[str, str]:
         return {r.memory_id: r.text for u in users for r in m.get_all(u)}
 
 
-def kill_mid_write(cmd: list[str], env: dict[str, str], log_path: Path, after_s: float) -> None:
-    """Start the ingest and SIGKILL its process group ``after_s`` seconds later (if it still runs)."""
+def kill_on_write(cmd: list[str], env: dict[str, str], log_path: Path, store: Path, writes: int) -> bool:
+    """Start the ingest and SIGKILL its process group as soon as the store's write-ahead log has grown ``writes``
+    times after it was created (each growth a write the owner made); False when the ingest finished first."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(after_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        created = last = 0
+        seen = 0
+        while proc.poll() is None:
+            size = _wal_bytes(store)
+            if size and not created:
+                created = last = size  # the empty store the owner opened
+            elif created and size > last:
+                last = size
+                seen += 1
+                if seen >= writes:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                    return True
+            time.sleep(0.005)
+        return False
 
 
 def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations: Any) -> None:
@@ -90,29 +112,22 @@ def test_r6_embedded_owner_killed_mid_write(tmp_path: Path, locomo_conversations
     users = write_input(path, locomo_conversations)
     clean_dir = crash_dir = tmp_path / "clean"
     cmd, env = ingest_cmd(clean_dir, path)
-    started = time.monotonic()
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
-    clean_s = time.monotonic() - started  # model loading, then writes spread over the ingest's chunks
     clean = memories(clean_dir, users)
     assert len(clean) > 20
     after_crash: dict[str, str] = {}
-    lo, hi = 0.0, 1.0  # the kill point as a fraction of the clean run's duration, narrowed after each try
-    for attempt in range(10):
-        # the kill must land while the owner writes; the clean run's duration is only a guide (it also exported
-        # the ONNX encoder, a busy machine is slower), so a try that killed too late or too early narrows the window
-        fraction = (lo + hi) / 2
-        crash_dir = tmp_path / f"crash{attempt}"
+    for writes in range(1, 9):
+        # the kill lands right after the owner's n-th observed write to the store: early enough that most of the
+        # ingest is still to come, late enough (n grows when a try left nothing) that something was written
+        crash_dir = tmp_path / f"crash{writes}"
         cmd, env = ingest_cmd(crash_dir, path)
-        kill_mid_write(cmd, env, tmp_path / f"crash{attempt}.log", fraction * clean_s)
+        killed = kill_on_write(cmd, env, tmp_path / f"crash{writes}.log", crash_dir / "qdrant", writes)
         after_crash = memories(crash_dir, users)  # the store reopens
+        print(f"R6 try after {writes} write(s): killed={killed} memories={len(after_crash)} of {len(clean)}")
         assert set(after_crash) <= set(clean) and all(after_crash[k] == clean[k] for k in after_crash)
-        if 0 < len(after_crash) < len(clean):
+        if killed and 0 < len(after_crash) < len(clean):
             break
-        if after_crash:
-            hi = fraction
-        else:
-            lo = fraction
-    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest in ten tries"
+    assert 0 < len(after_crash) < len(clean), "the kill did not land mid-ingest"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     final = memories(crash_dir, users)
     print(f"R6 memories clean={len(clean)} after_crash={len(after_crash)} after_rerun={len(final)}")
