@@ -3,6 +3,7 @@ client against ``Memory`` on the same store, MCP tools, and the store's single o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -226,6 +227,24 @@ def test_bad_reads_are_refused(server):
     assert r.status_code == 422
     r = httpx.get(f"{server.url}/v1/memories/not-a-uuid", params={"user_id": "alex"}, headers=server.h("a"))
     assert r.status_code == 422
+
+
+def test_search_and_list_can_leave_out_the_source_turns(server):
+    """The raw text of each record's source turns comes by default; source_turns=false leaves it out, ids kept."""
+    h = server.h("a")
+    for path, params, key in (
+        ("/v1/search", {"q": "cat", "user_id": "alex"}, "results"),
+        ("/v1/memories", {"user_id": "alex"}, "memories"),
+    ):
+        full = httpx.get(f"{server.url}{path}", params=params, headers=h).json()[key]
+        lean = httpx.get(f"{server.url}{path}", params={**params, "source_turns": "false"}, headers=h).json()[key]
+        records = [(x["record"] if key == "results" else x) for x in full]
+        leaner = [(x["record"] if key == "results" else x) for x in lean]
+        assert records and any(r["source_turns"] for r in records)
+        assert [r["memory_id"] for r in leaner] == [r["memory_id"] for r in records]
+        assert [r["source_turn_ids"] for r in leaner] == [r["source_turn_ids"] for r in records]
+        assert all(r["source_turns"] == [] for r in leaner)
+        assert len(json.dumps(lean)) < len(json.dumps(full))
 
 
 def test_pages_walk_all_memories(server):

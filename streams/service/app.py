@@ -50,6 +50,13 @@ UserQuery = Annotated[str, Query(pattern=USER_PATTERN, description="the user (of
 UserPath = Annotated[str, Path(pattern=USER_PATTERN, description="the user (of your tenant)")]
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 MemoryIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="a memory id (uuid)")]
+SourceTurnsQuery = Annotated[
+    bool,
+    Query(
+        description="each record's source turns with their raw text; false leaves them out for a leaner response "
+        "(source_turn_ids stay; GET /v1/memories/{memory_id} has the turns)"
+    ),
+]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "a request body that is not JSON"},
@@ -177,6 +184,7 @@ def create_app(service: Service) -> FastAPI:
         since: Annotated[datetime | None, Query(description="ISO 8601 with offset")] = None,
         until: Annotated[datetime | None, Query(description="ISO 8601 with offset")] = None,
         mode: Literal["hybrid", "dense", "sparse"] | None = None,
+        source_turns: SourceTurnsQuery = True,
         as_of: Annotated[
             datetime | None,
             Query(
@@ -196,7 +204,9 @@ def create_app(service: Service) -> FastAPI:
             internal = await asyncio.to_thread(known, who, user_id)
         # on the event loop, no worker thread: concurrent searches share one encoder pass (streams.service.search)
         hits = await service.searches.search(q, internal, limit, time_from=since, time_to=until, mode=mode, as_of=as_of)
-        return SearchOut(results=[SearchHit(record=convert.record(who, h.record), score=h.score) for h in hits])
+        return SearchOut(
+            results=[SearchHit(record=convert.record(who, h.record, source_turns), score=h.score) for h in hits]
+        )
 
     @app.get("/v1/memories", response_model=MemoriesPage, responses=ERRORS, tags=["read"])
     def list_memories(
@@ -204,6 +214,7 @@ def create_app(service: Service) -> FastAPI:
         user_id: UserQuery,
         cursor: Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page")] = None,
         limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
+        source_turns: SourceTurnsQuery = True,
     ) -> MemoriesPage:
         """The user's memories, oldest first, a page at a time."""
         internal = known(who, user_id)
@@ -212,7 +223,7 @@ def create_app(service: Service) -> FastAPI:
         except ValueError as exc:
             raise _invalid(["query", "cursor"], str(exc)) from exc
         page, nxt = convert.page(service.memory.get_all(internal), after, limit or service.settings.api.page_size)
-        return MemoriesPage(memories=[convert.record(who, r) for r in page], next_cursor=nxt)
+        return MemoriesPage(memories=[convert.record(who, r, source_turns) for r in page], next_cursor=nxt)
 
     @app.get("/v1/memories/{memory_id}", response_model=MemoryDetail, responses=ERRORS, tags=["read"])
     def get_memory(who: Who, memory_id: MemoryIdPath, user_id: UserQuery) -> MemoryDetail:

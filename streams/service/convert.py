@@ -21,8 +21,14 @@ def _name(who: Principal, internal: str) -> str:
     return name
 
 
-def record(who: Principal, rec: MemoryRecord) -> MemoryRecord:
-    return rec if who.tenant is None else rec.model_copy(update={"user_id": _name(who, rec.user_id)})
+def record(who: Principal, rec: MemoryRecord, source_turns: bool = True) -> MemoryRecord:
+    """The record as the caller sees it; ``source_turns=False`` leaves out the turns' raw text (their ids stay)."""
+    update: dict[str, Any] = {}
+    if who.tenant is not None:
+        update["user_id"] = _name(who, rec.user_id)
+    if not source_turns and rec.source_turns:
+        update["source_turns"] = []
+    return rec.model_copy(update=update) if update else rec
 
 
 def change(who: Principal, c: MemoryChange) -> MemoryChange:
