@@ -37,12 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil  # noqa: E402
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from schemas.records import RawTurn, STMSummary  # noqa: E402
 from streams.encoder import load_encoder  # noqa: E402
 from streams.kafka.produce import make_producer  # noqa: E402
-from streams.kafka.topics import committed_offsets, consumer_lag, dumps, key_of, sink_group_id  # noqa: E402
+from streams.kafka.topics import TopicReader, committed_offsets, consumer_lag, dumps, key_of, sink_group_id  # noqa: E402
 from streams.loaders import load_locomo  # noqa: E402
 from streams.ltm import open_store  # noqa: E402
 from tests.conftest_kafka import KafkaEnv, LLMProcess, bootstrap_from_env, run_async  # noqa: E402
@@ -78,21 +77,16 @@ class SummaryTail:
 
     async def _run(self) -> None:
         k = self.env.settings.kafka
-        c = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, enable_auto_commit=False, group_id=None)
-        await c.start()
-        try:
-            c.assign([TopicPartition(k.topics.summaries, p) for p in range(k.partitions)])
-            await c.seek_to_beginning()
-            while not self.stop.is_set():
-                for tp, recs in (await c.getmany(timeout_ms=500)).items():
-                    for r in recs:
+        async with TopicReader(k, k.topics.summaries, client_id=f"{k.app_id}-soak-tail") as reader:
+            while not self.stop.is_set():  # a reader kept open follows the topic: each pass reads what is new
+                async for batch in reader.batches():
+                    for r in batch:
                         try:
                             s = STMSummary.model_validate_json(r.value)
                         except Exception:  # noqa: BLE001 - the erasure barrier or a bad record: no turns
                             continue
-                        self.at[(tp.partition, r.offset)] = list(s.turn_ids)
-        finally:
-            await c.stop()
+                        self.at[(r.partition, r.offset)] = list(s.turn_ids)
+                await asyncio.sleep(0.5)
 
 
 def main() -> int:

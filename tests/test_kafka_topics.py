@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+import streams.kafka.topics as topics_mod
 import tests.conftest as _root
 from streams.kafka.produce import produce_raw
 from streams.kafka.topics import (
@@ -144,6 +145,37 @@ def test_topic_reader_reads_to_the_end_then_follows(kafka_env: KafkaEnv) -> None
     assert nothing == []
     assert b"user-0" not in table and table[b"user-1"].value == b"v1-again" and table[b"user-99"].value == b"new"
     assert len(table) == 12
+
+
+def test_a_following_reader_keeps_what_was_appended_while_it_read(
+    kafka_env: KafkaEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records fetched past the end offsets a read took (appended meanwhile) come with the next read, not never:
+    the erasure epochs follow the control topic with one reader kept open."""
+    kafka_env.create_topics()
+    k = kafka_env.settings.kafka
+    topic = k.topics.control
+    records = [(b"user-x", f"v{i}".encode()) for i in range(10)]  # one key: one partition, offsets 0..9
+    kafka_env.produce_raw(topic, records)
+
+    async def main() -> tuple[list[int], list[int], list[int]]:
+        async with TopicReader(k, topic) as reader:
+            real = topics_mod.stable_end_offsets
+
+            async def only_four(consumer: Any, tps: Any) -> dict[Any, int]:  # as if 4..9 came after the call
+                return {tp: min(off, 4) for tp, off in (await real(consumer, tps)).items()}
+
+            monkeypatch.setattr(topics_mod, "stable_end_offsets", only_four)
+            first = [r.offset for r in await reader.read()]
+            monkeypatch.setattr(topics_mod, "stable_end_offsets", real)
+            second = [r.offset for r in await reader.read()]
+            third = [r.offset for r in await reader.read()]
+        return first, second, third
+
+    first, second, third = run_async(main())
+    assert first == [0, 1, 2, 3]
+    assert second == [4, 5, 6, 7, 8, 9]
+    assert third == []
 
 
 def test_a_reader_stopped_right_after_it_started_stops_cleanly(kafka_env: KafkaEnv) -> None:

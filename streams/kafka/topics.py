@@ -479,6 +479,11 @@ class TopicReader:
                 raise TimeoutError(f"could not read {self.topic} to its end offsets {self.end} within {timeout_s} s")
             got = await consumer.getmany(*remaining, timeout_ms=500, max_records=max_records)
             out = [r for tp, recs in got.items() for r in recs if r.offset < end[tp]]
+            for tp, recs in got.items():
+                if recs and recs[-1].offset >= end[tp]:
+                    # appended after the end offsets were taken: not this call's, but the next one's (a reader
+                    # kept open follows the topic), so go back to the end rather than past them
+                    consumer.seek(tp, end[tp])
             for tp in list(remaining):
                 if await consumer.position(tp) >= end[tp]:
                     remaining.discard(tp)
