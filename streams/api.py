@@ -246,11 +246,6 @@ class Memory:
         if vector is None and mode != "sparse":
             vector = self.pipeline.stages.encoder.embed_one(query)
         window = time_window(query, as_of) if as_of is not None else None
-        span = None
-        if window is not None:
-            start = max(window.start, time_from) if time_from is not None else window.start
-            end = min(window.end, time_to) if time_to is not None else window.end
-            span = (start, end) if start <= end else None
         return search_preferring(
             self.pipeline.store,
             user_id,
@@ -260,7 +255,7 @@ class Memory:
             mode=mode,
             time_from=time_from,
             time_to=time_to,
-            span=span,
+            span=(window.start, window.end) if window is not None else None,
             roles=asker_roles(query) if self.settings.store.prefer_asker else None,
             depth=self.settings.store.prefetch,  # fused as deep as the engine fuses its branches
         )

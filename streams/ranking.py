@@ -49,9 +49,13 @@ def search_preferring(
     roles: Sequence[str] | None = None,
     depth: int = 50,
 ) -> list[ScoredMemory]:
-    """``store.search`` of the best ``limit``, preferring the memories of events in ``span`` and those made from
-    turns of ``roles`` (each a ranking of its own, ``depth`` deep, fused by ``prefer``); a plain search when
-    neither is given."""
+    """``store.search`` of the best ``limit``, preferring the memories of events in ``span`` (within
+    ``time_from``..``time_to``) and those made from turns of ``roles`` (each a ranking of its own, ``depth`` deep,
+    fused by ``prefer``); a plain search when neither is given or the span lies outside the bounds."""
+    if span is not None:
+        start = max(span[0], time_from) if time_from is not None else span[0]
+        end = min(span[1], time_to) if time_to is not None else span[1]
+        span = (start, end) if start <= end else None
     if span is None and roles is None:
         return store.search(user_id, query, vector, limit, mode=mode, time_from=time_from, time_to=time_to)
     depth = max(limit, depth)
