@@ -368,6 +368,23 @@ def test_compaction_revert_and_erasure_over_http(server):
     assert httpx.get(f"{server.url}/v1/memories", params={"user_id": "dana"}, headers=h).status_code == 404
 
 
+async def use_the_mcp_tools(session, user_id: str, content: str, query: str, word: str) -> None:  # noqa: ANN001
+    """Every tool once over an initialised MCP session: add, search (finds ``word``), list, forget."""
+    await session.initialize()
+    names = {t.name for t in (await session.list_tools()).tools}
+    assert names == {"add_memory", "search_memory", "list_memories", "forget_user"}
+    added = await session.call_tool("add_memory", {"content": content, "user_id": user_id})
+    assert not added.is_error and added.structured_content["memories"]
+    found = await session.call_tool("search_memory", {"query": query, "user_id": user_id})
+    assert not found.is_error
+    hits = found.structured_content["result"]
+    assert hits and word in hits[0]["text"]
+    listed = await session.call_tool("list_memories", {"user_id": user_id})
+    assert {m["memory_id"] for m in listed.structured_content["result"]} >= {hits[0]["memory_id"]}
+    gone = await session.call_tool("forget_user", {"user_id": user_id})
+    assert gone.structured_content["memories"] >= 1
+
+
 def test_mcp_tools_round_trip_over_the_client(server):
     import anyio
     from mcp.client.session import ClientSession
@@ -384,21 +401,9 @@ def test_mcp_tools_round_trip_over_the_client(server):
 
     async def run() -> None:
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-            await session.initialize()
-            names = {t.name for t in (await session.list_tools()).tools}
-            assert names == {"add_memory", "search_memory", "list_memories", "forget_user"}
-            added = await session.call_tool(
-                "add_memory", {"content": "Eve's daughter plays the violin in an orchestra.", "user_id": "eve"}
+            await use_the_mcp_tools(
+                session, "eve", "Eve's daughter plays the violin in an orchestra.", "violin", "violin"
             )
-            assert not added.is_error and added.structured_content["memories"]
-            found = await session.call_tool("search_memory", {"query": "violin", "user_id": "eve"})
-            assert not found.is_error
-            hits = found.structured_content["result"]
-            assert hits and "violin" in hits[0]["text"]
-            listed = await session.call_tool("list_memories", {"user_id": "eve"})
-            assert {m["memory_id"] for m in listed.structured_content["result"]} >= {hits[0]["memory_id"]}
-            gone = await session.call_tool("forget_user", {"user_id": "eve"})
-            assert gone.structured_content["memories"] >= 1
 
     anyio.run(run)
     assert server.memory.get_all("acme:eve") == []  # the tools went through the server, under the key's tenant
@@ -439,18 +444,8 @@ def test_mcp_tools_over_streamable_http(server):
         async def run() -> None:
             url = f"http://127.0.0.1:{port}/mcp"
             async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
-                await session.initialize()
-                names = {t.name for t in (await session.list_tools()).tools}
-                assert names == {"add_memory", "search_memory", "list_memories", "forget_user"}
-                added = await session.call_tool(
-                    "add_memory", {"content": "Finn repairs old sailing boats in his garage.", "user_id": "finn"}
-                )
-                assert not added.is_error and added.structured_content["memories"]
-                found = await session.call_tool("search_memory", {"query": "sailing boats", "user_id": "finn"})
-                hits = found.structured_content["result"]
-                assert hits and "sailing" in hits[0]["text"]
-                gone = await session.call_tool("forget_user", {"user_id": "finn"})
-                assert gone.structured_content["memories"] >= 1
+                content = "Finn repairs old sailing boats in his garage."
+                await use_the_mcp_tools(session, "finn", content, "sailing boats", "sailing")
 
         anyio.run(run)
     finally:
